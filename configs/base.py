@@ -1,0 +1,77 @@
+"""Defaults shared by every lcm_jax recipe. Recipes override only what differs.
+
+Every field can be overridden on the command line, e.g. ``--config.optimizer.lr=1e-3``.
+"""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The shared transformer body (LCM_SPEC sections 3-4). Field names follow the reference."""
+  m = ml_collections.ConfigDict()
+  m.family = "base_lcm"          # base_lcm | two_tower_diffusion_lcm (issue 3)
+  m.sonar_embed_dim = 1024       # SONAR space (input/output of pre/post nets)
+  m.model_dim = 2048
+  m.num_layers = 32
+  m.num_heads = 16
+  m.ffn_inner_dim = 8192         # before the SwiGLU 2/3-and-round-up-to-256 rule (-> 5632)
+  m.ffn_multiple_of = 256
+  m.max_seq_len = 4096
+  m.dropout = 0.1                # on attention and FFN outputs; none on attention weights
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.dtype = "auto"               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+  m.param_dtype = "float32"      # params and optimizer state stay fp32
+  m.scan_layers = True           # nn.scan over layers: compile time flat in depth
+  m.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+
+  # Data (lcm_jax/data.py). `train`/`eval` are lists of {"path": DIR, "weight": w}.
+  c.data = ml_collections.ConfigDict()
+  c.data.train = [{"path": "data/synthetic", "weight": 1.0}]
+  c.data.eval = []                 # empty: hold out `eval_fraction` of each train dataset
+  c.data.eval_fraction = 0.02      # documents held out (deterministic by index hash)
+  c.data.normalizer = ""           # path to normalizer.npz; "" = the first train dataset's own
+  c.data.max_doc_len = 128         # wrap documents into pieces of at most this many concepts
+  c.data.seq_len = 128             # packed row length (concepts)
+  c.data.global_batch_size = 16    # rows per step over all processes and microbatches
+  c.data.shuffle_seed = 0
+  c.data.worker_count = 0          # grain multiprocess prefetch workers (0 = in-process)
+  c.data.worker_buffer_size = 2
+  c.data.num_epochs = None         # None = repeat forever
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 4e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-5
+  c.optimizer.weight_decay = 0.1   # applied to every parameter, as the reference does
+  c.optimizer.warmup_steps = 10_000
+  c.optimizer.warmup_init_lr = 1e-7
+  c.optimizer.decay_steps = 250_000  # cosine reaches final_lr here
+  c.optimizer.final_lr = 1e-5
+  c.optimizer.grad_clip = 25.0
+  c.optimizer.grad_accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1    # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 250_000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.eval_batches = 16
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoint = True
+  c.train.peak_flops = 0.0         # per device; 0 = look up from the device kind
+  c.train.log_batch_fingerprints = False  # for determinism tests: hash of every batch in metrics
+  return c

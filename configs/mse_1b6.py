@@ -1,0 +1,59 @@
+"""Base-LCM (MSE regression), the reference 1.6B pre-training recipe (LCM_SPEC section 4).
+
+Run:
+  python -m lcm_jax.main --config=configs/mse_1b6.py --workdir=/path/to/workdir \
+      --config.data.train='[{"path": "/data/wiki", "weight": 1.0}]'
+  python -m lcm_jax.main --config=configs/mse_1b6.py --mode=describe
+Tiny CPU variant (the README's default job):
+  python -m lcm_jax.main --config=configs/mse_1b6.py:tiny --workdir=workdir/tiny
+Bench variant (benchmarks/train_step.py): d 1024, 8 layers, 16 heads, 16 rows x 128 concepts.
+"""
+
+from configs import base
+
+
+def get_config(variant: str = ""):
+  c = base.get_config()
+  # base_lcm_1_6B: d 2048, 32 layers, 16 heads, ffn 8192 (SwiGLU 5632), max_seq_len 4096.
+  c.model.family = "base_lcm"
+  # ~229k concepts per step in the reference (7168 per GPU x 32 GPUs): 1792 rows of 128 concepts.
+  c.data.global_batch_size = 1792
+  c.data.seq_len = 128
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+
+  if variant == "tiny":
+    c.model.model_dim = 64
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.ffn_inner_dim = 256
+    c.model.sonar_embed_dim = 32
+    c.model.dropout = 0.0
+    c.data.train = [{"path": "data/synthetic", "weight": 1.0}]
+    c.data.seq_len = 64
+    c.data.global_batch_size = 16
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.decay_steps = 600
+    c.optimizer.final_lr = 1e-4
+    c.optimizer.weight_decay = 0.01
+    c.train.num_steps = 600
+    c.train.log_every = 50
+    c.train.eval_every = 200
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 200
+  elif variant == "bench":
+    c.model.model_dim = 1024
+    c.model.num_layers = 8
+    c.model.num_heads = 16
+    c.model.ffn_inner_dim = 4096   # SwiGLU 2816
+    c.model.dropout = 0.0
+    c.data.seq_len = 128
+    c.data.global_batch_size = 16
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+  elif variant:
+    raise ValueError(f"configs/mse_1b6.py: unknown variant {variant!r} (expected '', 'tiny' or 'bench')")
+  return c
