@@ -44,7 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0          # grain multiprocess prefetch workers (0 = in-process)
   c.data.worker_buffer_size = 2
+  c.data.read_threads = 8          # ArrayRecord read threads per process
+  c.data.read_buffer_size = 256    # records read ahead
+  c.data.packing_bins = 0          # rows packed together (0 = max(batch, 8192 // seq_len))
   c.data.num_epochs = None         # None = repeat forever
+  c.data.generate_synthetic_if_missing = False  # the tiny default creates its corpus on first use
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 4e-4
