@@ -201,6 +201,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it the usual file mode
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
