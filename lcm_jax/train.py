@@ -1,0 +1,346 @@
+"""The training loop: mesh, sharded state, one jitted step, Grain data, Orbax checkpoints, metrics.
+
+Reads top to bottom: build the mesh and the model -> abstract state and its shardings ->
+restore the latest checkpoint (state + data iterator) or initialise directly sharded ->
+loop { batch -> step -> metrics / eval / checkpoint } -> final checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lcm_jax import checkpoint as ckpt_lib
+from lcm_jax import data as data_lib
+from lcm_jax import metrics as metrics_lib
+from lcm_jax import models
+from lcm_jax import sharding
+from lcm_jax.models import flops as flops_lib
+from lcm_jax.models.config import ModelConfig
+from lcm_jax.normalizer import Normalizer
+
+State = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+def lr_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from ``warmup_init_lr`` to ``lr``, cosine to ``final_lr`` at ``decay_steps``."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=opt.warmup_init_lr, peak_value=opt.lr, warmup_steps=opt.warmup_steps,
+      decay_steps=max(opt.decay_steps, opt.warmup_steps + 1), end_value=opt.final_lr)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with weight decay on every parameter (as the reference) after global-norm clipping."""
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
+      optax.adamw(lr_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                  weight_decay=opt.weight_decay))
+
+
+# ----------------------------------------------------------------------------------------------
+# State: created directly sharded from logical axis annotations
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config that the loop, eval and tools need."""
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  abstract_state: State          # ShapeDtypeStructs with shardings
+  state_shardings: State
+
+
+def _dummy_inputs(model_cfg: ModelConfig, seq_len: int):
+  return (jnp.zeros((1, seq_len, model_cfg.sonar_embed_dim), jnp.float32),
+          jnp.ones((1, seq_len), jnp.int32), jnp.arange(seq_len, dtype=jnp.int32)[None])
+
+
+def _boxed_init(model, model_cfg, tx, seq_len, seed):
+  def init(rng):
+    variables = model.init({"params": rng, "dropout": rng}, *_dummy_inputs(model_cfg, seq_len),
+                           deterministic=True)
+    params = variables["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "buffers": variables.get("buffers", {}), "opt_state": tx.init(params),
+            "rng": jax.random.PRNGKey(seed)}
+  return init
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  model_cfg = ModelConfig.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.data.global_batch_size, mesh, config.optimizer.grad_accum_steps)
+  model = models.build(model_cfg)
+  tx = make_optimizer(config.optimizer)
+  init = _boxed_init(model, model_cfg, tx, config.data.seq_len, config.seed)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  logical = nn.get_partition_spec(boxed)
+  shardings = sharding.logical_to_sharding(logical, mesh)
+  abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), shardings)
+  return Setup(config, model_cfg, model, mesh, tx, abstract, shardings)
+
+
+def init_state(s: Setup, normalizer: Normalizer | None = None) -> State:
+  """Initialises params and optimizer state directly sharded (no host copy of the model)."""
+  init = _boxed_init(s.model, s.model_cfg, s.tx, s.config.data.seq_len, s.config.seed)
+  state = sharding.jit_under_mesh(lambda k: nn.unbox(init(k)), s.mesh,
+                                  out_shardings=s.state_shardings)(jax.random.PRNGKey(s.config.seed))
+  if normalizer is not None:
+    state["buffers"] = set_normalizer(state["buffers"], normalizer, s.state_shardings["buffers"])
+  return state
+
+
+def set_normalizer(buffers, normalizer: Normalizer, shardings):
+  """Puts the normalizer's center/scale into every ``*/center`` and ``*/scale`` buffer."""
+  values = {"center": normalizer.center, "scale": normalizer.scale}
+
+  def put(path, leaf, shard):
+    name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+    if name not in values:
+      return leaf
+    v = np.asarray(values[name], np.float32)
+    if v.shape != leaf.shape:
+      raise ValueError(f"normalizer: field '{name}' has shape {v.shape}, the model expects "
+                       f"{leaf.shape} (config.model.sonar_embed_dim)")
+    return jax.device_put(v, shard)
+  return jax.tree_util.tree_map_with_path(put, buffers, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+def make_train_step(s: Setup):
+  """One jitted step: grad of the loss SUM, divided once by the global target count.
+
+  With ``grad_accum_steps = A`` the batch is split into A microbatches scanned with ``lax.scan``;
+  loss and gradient sums are accumulated and divided by the total target count, so the result
+  equals the single large batch (up to float summation order).
+  """
+  loss_fn = models.loss_fn(s.model_cfg)
+  accum = s.config.optimizer.grad_accum_steps
+  deterministic = s.model_cfg.dropout == 0.0
+  schedule = lr_schedule(s.config.optimizer)
+
+  def sums(params, buffers, batch, rng):
+    loss_sum, count, _ = loss_fn(s.model, {"params": params, "buffers": buffers}, batch, rng=rng,
+                                 deterministic=deterministic)
+    return loss_sum, count
+
+  grad_sums = jax.value_and_grad(sums, has_aux=True)
+
+  def step(state: State, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    params, buffers = state["params"], state["buffers"]
+    if accum == 1:
+      (loss_sum, count), grads = grad_sums(params, buffers, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (ls, c), g = grad_sums(params, buffers, mb, jax.random.fold_in(rng, i))
+        acc_l, acc_c, acc_g = carry
+        return (acc_l + ls, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss_sum, count, grads), _ = jax.lax.scan(
+          body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+          (jnp.arange(accum), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = s.tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "num_targets": count}
+    return new_state, metrics
+
+  batch_shardings = {k: sharding.batch_sharding(s.mesh, nd) for k, nd in _BATCH_NDIM.items()}
+  return sharding.jit_under_mesh(step, s.mesh, in_shardings=(s.state_shardings, batch_shardings),
+                                 out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
+                                 donate_argnums=0)
+
+
+_BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask": 2}
+
+
+def make_eval_step(s: Setup):
+  loss_fn = models.loss_fn(s.model_cfg)
+
+  def step(params, buffers, batch):
+    loss_sum, count, aux = loss_fn(s.model, {"params": params, "buffers": buffers}, batch, rng=None,
+                                   deterministic=True)
+    return {"loss_sum": loss_sum, "count": count, **{f"{k}_sum": v for k, v in aux.items()}}
+
+  batch_shardings = {k: sharding.batch_sharding(s.mesh, nd) for k, nd in _BATCH_NDIM.items()}
+  return sharding.jit_under_mesh(
+      step, s.mesh, in_shardings=(s.state_shardings["params"], s.state_shardings["buffers"],
+                                  batch_shardings), out_shardings=sharding.replicated(s.mesh))
+
+
+def evaluate(s: Setup, eval_step, state: State, num_batches: int) -> dict[str, float]:
+  """Teacher-forced eval over up to ``num_batches`` held-out batches (all if <= 0)."""
+  totals: dict[str, float] = {}
+  it = data_lib.make_eval_iterator(s.config)
+  for i, batch in enumerate(it):
+    if 0 < num_batches <= i:
+      break
+    out = jax.device_get(eval_step(state["params"], state["buffers"],
+                                   sharding.global_batch_from_local(batch, s.mesh)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.get("count", 0.0), 1.0)
+  return {("loss" if k == "loss_sum" else k[:-4]): v / count
+          for k, v in totals.items() if k.endswith("_sum")} | {"num_targets": totals.get("count", 0.0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+class _Preemption:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = None
+
+  def __enter__(self):
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._prev = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: checkpointing at the next step and stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def _fingerprint(batch: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha1()
+  for k in sorted(batch):
+    h.update(np.ascontiguousarray(batch[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+class Preempted(SystemExit):
+  def __init__(self):
+    super().__init__(143)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains until ``config.train.num_steps``, resuming from the latest checkpoint in ``workdir``.
+
+  Returns the final eval metrics.
+  """
+  s = setup(config)
+  train_iter = data_lib.make_train_iterator(config)  # validates datasets against the model dim
+  normalizer_path = data_lib.resolve_normalizer_path(config)
+  normalizer = Normalizer.load(normalizer_path)
+  if normalizer.center.shape != (s.model_cfg.sonar_embed_dim,):
+    raise ValueError(f"{normalizer_path}: field 'center': shape {normalizer.center.shape}, the "
+                     f"model expects ({s.model_cfg.sonar_embed_dim},) (config.model.sonar_embed_dim)")
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                               async_save=config.train.async_checkpoint)
+  writer = metrics_lib.MetricWriter(workdir)
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      logging.info("Restoring checkpoint %d from %s", latest, ckpt.directory)
+      state, _ = ckpt.restore(latest, s.abstract_state, train_iter)
+    else:
+      state = init_state(s, normalizer)
+      writer.write_hparams(dict(_flatten(config.to_dict())))
+    start = int(state["step"])
+    meta = {"config": config.to_json(), "mesh": dict(s.mesh.shape), "normalizer": normalizer_path}
+    return _loop(s, state, start, train_iter, ckpt, writer, meta, workdir)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer, meta, workdir):
+  cfg = s.config
+  total = cfg.train.num_steps
+  train_step = make_train_step(s)
+  eval_step = make_eval_step(s)
+  flops_per_concept = flops_lib.train_flops_per_concept(s.model_cfg, cfg.data.seq_len)
+  concepts_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+  peak = metrics_lib.peak_flops_per_device(cfg.train.peak_flops) * jax.device_count()
+  progress = metrics_lib.Progress(total, start)
+  eval_metrics: dict[str, float] = {}
+  t_last, steps_since, real_concepts = time.time(), 0, 0.0
+  with _Preemption() as preempt:
+    step = start
+    while step < total:
+      batch = next(train_iter)
+      if cfg.train.log_batch_fingerprints:
+        writer.write_scalars(step, {"batch_fingerprint": int(_fingerprint(batch), 16) % (2**52)})
+      real_concepts += float((batch["segment_ids"] > 0).sum()) * jax.process_count()
+      state, m = train_step(state, sharding.global_batch_from_local(batch, s.mesh))
+      step += 1
+      steps_since += 1
+      if step % cfg.train.log_every == 0 or step == total:
+        m = jax.device_get(m)
+        dt = (time.time() - t_last) / steps_since
+        scalars = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
+                   "perf/step_time_s": dt, "perf/concepts_per_s": real_concepts / steps_since / dt,
+                   "perf/model_flops_per_s": flops_per_concept * concepts_per_step / dt}
+        if peak > 0:
+          scalars["perf/mfu"] = flops_per_concept * concepts_per_step / dt / peak
+        writer.write_scalars(step, scalars)
+        if jax.process_index() == 0:
+          logging.info("%s", progress.line(step, float(m["loss"])))
+        if not np.isfinite(m["loss"]):
+          raise FloatingPointError(f"step {step}: loss is {m['loss']}; stopping (last good "
+                                   f"checkpoint: {ckpt.latest_step()})")
+        t_last, steps_since, real_concepts = time.time(), 0, 0.0
+      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
+        eval_metrics = evaluate(s, eval_step, state, cfg.train.eval_batches)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()}, console=True)
+        t_last = time.time()
+      stop = preempt.any_process()
+      if step % cfg.train.checkpoint_every == 0 or step == total or stop:
+        ckpt.save(step, state, train_iter, meta, force=stop or step == total)
+      if stop:
+        ckpt.wait()
+        writer.flush()
+        raise Preempted()
+  writer.flush()
+  return eval_metrics
+
+
+def _flatten(d: dict, prefix: str = ""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
