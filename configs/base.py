@@ -32,10 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config()
 
-  # Data (lcm_jax/data.py). `train`/`eval` are lists of {"path": DIR, "weight": w}.
+  # Data (lcm_jax/data.py). Datasets are "DIR[:WEIGHT],DIR[:WEIGHT],..." (a weighted mixture),
+  # e.g. --config.data.train=/data/wiki:0.7,/data/books:0.3
   c.data = ml_collections.ConfigDict()
-  c.data.train = [{"path": "data/synthetic", "weight": 1.0}]
-  c.data.eval = []                 # empty: hold out `eval_fraction` of each train dataset
+  c.data.train = "data/synthetic"
+  c.data.eval = ""                 # empty: hold out `eval_fraction` of each train dataset
   c.data.eval_fraction = 0.02      # documents held out (deterministic by index hash)
   c.data.normalizer = ""           # path to normalizer.npz; "" = the first train dataset's own
   c.data.max_doc_len = 128         # wrap documents into pieces of at most this many concepts

@@ -2,7 +2,7 @@
 
 Run:
   python -m lcm_jax.main --config=configs/mse_1b6.py --workdir=/path/to/workdir \
-      --config.data.train='[{"path": "/data/wiki", "weight": 1.0}]'
+      --config.data.train=/data/wiki:0.8,/data/books:0.2
   python -m lcm_jax.main --config=configs/mse_1b6.py --mode=describe
 Tiny CPU variant (the README's default job):
   python -m lcm_jax.main --config=configs/mse_1b6.py:tiny --workdir=workdir/tiny
@@ -29,7 +29,7 @@ def get_config(variant: str = ""):
     c.model.ffn_inner_dim = 256
     c.model.sonar_embed_dim = 32
     c.model.dropout = 0.0
-    c.data.train = [{"path": "data/synthetic", "weight": 1.0}]
+    c.data.train = "data/synthetic"
     c.data.generate_synthetic_if_missing = True
     c.data.seq_len = 128
     c.data.global_batch_size = 16

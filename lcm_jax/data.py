@@ -71,11 +71,30 @@ class _DatasetInfo:
     return int(sum(self.counts))
 
 
+def parse_dataset_spec(spec: str) -> list[dict[str, Any]]:
+  """Parses ``"DIR[:WEIGHT],DIR[:WEIGHT],..."`` (the command-line form) into dataset entries."""
+  out = []
+  for item in (x.strip() for x in spec.split(",")):
+    if not item:
+      continue
+    path, weight = item, 1.0
+    head, sep, tail = item.rpartition(":")
+    if sep and head:
+      try:  # a suffix that is not a number belongs to the path (gs://bucket/x)
+        path, weight = head, float(tail)
+      except ValueError:
+        pass
+    out.append({"path": path, "weight": weight})
+  return out
+
+
 def _entries(value: Any, field: str) -> list[dict[str, Any]]:
   """Normalises a ``config.data.train``/``eval`` value into a list of plain dicts."""
   if value is None:
     return []
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+  if isinstance(value, str):
+    value = parse_dataset_spec(value)
+  if not isinstance(value, Sequence):
     raise ValueError(f"{field}: expected a list of {{'path': DIR, 'weight': w}}, got {value!r}")
   out = []
   for i, e in enumerate(value):

@@ -67,7 +67,9 @@ def _maybe_generate_data(config) -> None:
   if not config.data.get("generate_synthetic_if_missing", False):
     return
   from data_prep import synthetic  # pylint: disable=g-import-not-at-top
-  for ds in config.data.train:
+  from lcm_jax.data import parse_dataset_spec  # pylint: disable=g-import-not-at-top
+  train = config.data.train
+  for ds in parse_dataset_spec(train) if isinstance(train, str) else train:
     synthetic.ensure_corpus(ds["path"], dim=config.model.sonar_embed_dim, seed=config.seed,
                             num_docs=SYNTHETIC_DOCS)
 

@@ -78,11 +78,18 @@ def raw_record(emb: np.ndarray, *, n: int | None = None, doc_id: str = "x") -> b
   return struct.pack("<4sBI", schema.MAGIC, schema.VERSION, len(h)) + h + emb.astype("<f4").tobytes()
 
 
+def to_spec(datasets: list[dict[str, Any]] | str) -> str:
+  """The command-line form "DIR:WEIGHT,DIR:WEIGHT" of a dataset list."""
+  if isinstance(datasets, str):
+    return datasets
+  return ",".join(f"{e['path']}:{e.get('weight', 1.0)}" for e in datasets)
+
+
 def make_config(train: list[dict[str, Any]], **data_overrides: Any):
   c = base.get_config()
   c.model.sonar_embed_dim = DIM
-  c.data.train = train
-  c.data.eval = []
+  c.data.train = to_spec(train)
+  c.data.eval = ""
   c.data.eval_fraction = 0.0
   c.data.seq_len = 48
   c.data.max_doc_len = 16
@@ -90,7 +97,7 @@ def make_config(train: list[dict[str, Any]], **data_overrides: Any):
   c.data.num_epochs = 1
   c.data.worker_count = 0
   for k, v in data_overrides.items():
-    setattr(c.data, k, v)
+    setattr(c.data, k, to_spec(v) if k in ("train", "eval") else v)
   return c
 
 
@@ -397,3 +404,12 @@ def test_dataset_dim_and_normalizer(tmp_path):
   cfg = make_config([{"path": str(tmp_path / "b"), "weight": 1.0}])
   with pytest.raises(ValueError, match=r"manifest\.json field 'normalizer' is not set"):
     data.resolve_normalizer_path(cfg)
+
+
+def test_parse_dataset_spec():
+  assert data.parse_dataset_spec("/d/wiki:0.7, /d/books:0.3") == [
+      {"path": "/d/wiki", "weight": 0.7}, {"path": "/d/books", "weight": 0.3}]
+  assert data.parse_dataset_spec("rel/dir") == [{"path": "rel/dir", "weight": 1.0}]
+  assert data.parse_dataset_spec("gs://bucket/ds:2") == [{"path": "gs://bucket/ds", "weight": 2.0}]
+  assert data.parse_dataset_spec("gs://bucket/ds") == [{"path": "gs://bucket/ds", "weight": 1.0}]
+  assert data.parse_dataset_spec("") == []

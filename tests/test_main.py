@@ -32,7 +32,7 @@ def _env():
 def _main_cmd(workdir, data_dir, *overrides, config="configs/mse_1b6.py:tiny"):
   return [sys.executable, "-m", "lcm_jax.main", f"--config={os.path.join(ROOT, config)}",
           f"--workdir={workdir}",
-          f'--config.data.train=[{{"path": "{data_dir}", "weight": 1.0}}]',
+          f"--config.data.train={data_dir}",
           "--config.data.generate_synthetic_if_missing=False", *overrides]
 
 
