@@ -92,50 +92,91 @@ def test_tiny_training_beats_previous_concept_baseline(corpus, tmp_path):
   assert {"train/grad_norm", "train/lr", "perf/step_time_s", "perf/concepts_per_s"} <= set(train_logs[0])
 
 
-def test_exact_resume_after_sigkill(corpus, tmp_path):
-  """N steps straight == k steps, SIGKILL (from outside, mid-run), restart: bitwise same params
-  and the same sequence of data batches. Uses dropout and a multiprocess Grain prefetch worker."""
-  common = ["--config.train.num_steps=400", "--config.train.checkpoint_every=20",
-            "--config.train.log_every=20", "--config.train.eval_every=0",
-            "--config.train.log_batch_fingerprints=True", "--config.model.dropout=0.1",
-            "--config.data.worker_count=1", "--config.train.keep_checkpoints=50"]
-  ref = str(tmp_path / "ref")
-  r = _run(_main_cmd(ref, corpus, *common))
-  assert r.returncode == 0, r.stderr[-4000:]
+RESUME_STEPS = 400
+RESUME_FLAGS = [f"--config.train.num_steps={RESUME_STEPS}", "--config.train.checkpoint_every=20",
+                "--config.train.log_every=20", "--config.train.eval_every=0",
+                "--config.train.log_batch_fingerprints=True", "--config.model.dropout=0.1",
+                "--config.data.worker_count=1", "--config.train.keep_checkpoints=50"]
 
-  wd = str(tmp_path / "killed")
-  proc = subprocess.Popen(_main_cmd(wd, corpus, *common), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if any(s >= 60 for s in _checkpoint_steps(wd)):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  killed_at = max(_checkpoint_steps(wd))
-  assert killed_at < 400
-  r = _run(_main_cmd(wd, corpus, *common))
-  assert r.returncode == 0, r.stderr[-4000:]
-  assert "Restoring checkpoint" in r.stderr
 
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+  """The reference: RESUME_STEPS steps in one go (dropout on, one Grain prefetch worker)."""
+  ref = str(tmp_path_factory.mktemp("ref") / "wd")
+  r = _run(_main_cmd(ref, corpus, *RESUME_FLAGS))
+  assert r.returncode == 0, r.stderr[-4000:]
+  return ref
+
+
+def _interrupt(wd, corpus, sig, after_step=60):
+  """Starts a run and sends ``sig`` once a checkpoint at >= ``after_step`` exists."""
+  os.makedirs(wd, exist_ok=True)
+  log = os.path.join(os.path.dirname(wd), os.path.basename(wd) + ".stderr")
+  with open(log, "w") as err_file:
+    # Own session: after a SIGKILL the orphaned Grain worker is reaped with the group below.
+    proc = subprocess.Popen(_main_cmd(wd, corpus, *RESUME_FLAGS), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if any(s >= after_step for s in _checkpoint_steps(wd)):
+        break
+      time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  with open(log) as f:
+    return proc.returncode, f.read()
+
+
+def _fingerprints(workdir):
+  out = {}
+  for m in _metrics(workdir):
+    if "batch_fingerprint" in m:
+      out[m["step"]] = m["batch_fingerprint"]  # a replayed step overwrites: the last one counts
+  return out
+
+
+def _assert_same_run(ref, wd):
   p_ref, s_ref = _params(ref)
   p_res, s_res = _params(wd)
-  assert s_ref == s_res == 400
+  assert s_ref == s_res == RESUME_STEPS
   import jax  # pylint: disable=g-import-not-at-top
   for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_res)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-  def fingerprints(workdir):
-    out = {}
-    for m in _metrics(workdir):
-      if "batch_fingerprint" in m:
-        out[m["step"]] = m["batch_fingerprint"]  # a replayed step overwrites: the last one counts
-    return out
-  f_ref, f_res = fingerprints(ref), fingerprints(wd)
-  assert sorted(f_ref) == sorted(f_res) == list(range(400))
+  f_ref, f_res = _fingerprints(ref), _fingerprints(wd)
+  assert sorted(f_ref) == sorted(f_res) == list(range(RESUME_STEPS))
   assert f_ref == f_res
+
+
+def test_exact_resume_after_sigkill(corpus, uninterrupted, tmp_path):
+  """N steps straight == k steps, SIGKILL (from outside, mid-run), restart: bitwise same params
+  and the same sequence of data batches. Uses dropout and a multiprocess Grain prefetch worker."""
+  wd = str(tmp_path / "killed")
+  rc, _ = _interrupt(wd, corpus, signal.SIGKILL)
+  assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+  assert max(_checkpoint_steps(wd)) < RESUME_STEPS
+  r = _run(_main_cmd(wd, corpus, *RESUME_FLAGS))
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "Restoring checkpoint" in r.stderr
+  _assert_same_run(uninterrupted, wd)
+
+
+def test_sigterm_checkpoints_and_resumes(corpus, uninterrupted, tmp_path):
+  """SIGTERM: the run saves a checkpoint at the step it reached and exits 143; the restart
+  continues from exactly there."""
+  wd = str(tmp_path / "terminated")
+  rc, err = _interrupt(wd, corpus, signal.SIGTERM)
+  assert rc == 143, err[-3000:]
+  steps = _checkpoint_steps(wd)
+  last_logged = max(m["step"] for m in _metrics(wd) if "batch_fingerprint" in m) + 1
+  assert steps[-1] == last_logged < RESUME_STEPS, (steps, last_logged)
+  r = _run(_main_cmd(wd, corpus, *RESUME_FLAGS))
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert f"Restoring checkpoint {steps[-1]}" in r.stderr
+  _assert_same_run(uninterrupted, wd)
 
 
 def _write_dataset(path, docs, dim=DIM, manifest_dim=None, normalizer=True):
