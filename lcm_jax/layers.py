@@ -1,0 +1,403 @@
+"""The shared transformer block (LCM_SPEC section 3): Base-LCM body and Two-Tower contextualizer.
+
+Building blocks, each small and reusable by the Two-Tower denoiser:
+  * :class:`RMSNorm` (float32 maths, ``weight`` only);
+  * interleaved rotary embeddings: :func:`rope_tables` (cos/sin, once per forward) and
+    :func:`apply_rope` (rotates ADJACENT pairs ``2i, 2i+1``, the reference layout);
+  * masks: :func:`causal_mask`, :func:`segment_mask`, :func:`causal_segment_mask` (once per forward);
+  * :func:`dot_product_attention` (einsums in the compute dtype, softmax in float32);
+  * :class:`Attention` (q/k/v/output projections with bias; optional separate key/value input);
+  * :class:`SwiGLUFFN`; :class:`DecoderLayer` (pre-norm); :class:`TransformerStack`
+    (N layers + final ``layer_norm``; ``nn.scan`` or unrolled; optional remat).
+
+Parameter names mirror the reference checkpoint keys (``self_attn_layer_norm``,
+``self_attn.{q,k,v,output}_proj``, ``ffn_layer_norm``, ``ffn.{gate,inner,output}_proj``,
+``layer_norm``), Dense ``kernel`` is (in, out), so export is renames and transposes only.
+
+Dtypes: parameters in ``param_dtype`` (float32); matmuls in the compute dtype (bfloat16 on
+accelerators, float32 on CPU); norms, RoPE and softmax in float32; the residual stream is float32.
+
+Logical axis names: params use ``sonar``, ``embed``, ``heads``, ``mlp``, ``norm`` (and ``layers``
+for the scan axis); activations use ``activation_batch``, ``activation_length``,
+``activation_embed``, ``activation_heads``, ``activation_mlp``. Outside a mesh/rules context the
+constraints are no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lcm_jax.models.config import ModelConfig
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+RopeTables = tuple[Array, Array]
+"""``(cos, sin)``, each (batch, length, 1, head_dim // 2) float32, broadcast over heads."""
+
+# Logical activation layouts.
+BLE = ("activation_batch", "activation_length", "activation_embed")
+BLM = ("activation_batch", "activation_length", "activation_mlp")
+BLHD = ("activation_batch", "activation_length", "activation_heads", None)
+
+# Finite "minus infinity" for masked logits: fully masked rows (padding) give a uniform softmax
+# instead of NaN, and ``x - max`` cannot produce ``inf - inf``.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisers (the reference's, LCM_SPEC section 3). Dense kernels are (fan_in, fan_out).
+
+def xavier_uniform(gain: float = 1.0) -> Initializer:
+  """torch ``xavier_uniform_(w, gain)``: U(-b, b), ``b = gain * sqrt(6 / (fan_in + fan_out))``."""
+  return nn.initializers.variance_scaling(gain * gain, "fan_avg", "uniform")
+
+
+def torch_linear_kernel_init() -> Initializer:
+  """torch's default Linear weight init, ``kaiming_uniform_(a=sqrt(5))``: U(+-1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> Initializer:
+  """torch's default Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense
+
+@jax.custom_vjp
+def matmul(x: Array, w: Array) -> Array:
+  """``x @ w`` for x (..., in) and w (in, out), with an explicitly written backward pass.
+
+  Same values as autodiff; the only difference is the form of the weight gradient,
+  ``x2d.T @ dy2d`` with every leading axis flattened into one contraction. Left to itself,
+  XLA:CPU emits that gradient as a dot over a transposed copy of ``dy`` that misses its fast
+  (YNNPACK) matmul path: weight gradients ran ~25% slower and the bench train step 5-12% slower.
+  On GPU/TPU both forms compile to the same GEMM.
+  """
+  return jnp.dot(x, w)
+
+
+def _matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+  return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+  x, w = res
+  dx = jnp.dot(dy, w.T).astype(x.dtype)
+  x2d = x.reshape(-1, x.shape[-1])
+  dy2d = dy.reshape(-1, dy.shape[-1])
+  dw = jnp.dot(x2d.T, dy2d, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+                       preferred_element_type: Any = None, **unused: Any) -> Array:
+  """The ``dot_general`` nn.Dense calls, routed to :func:`matmul` (default precision)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if (tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or lhs_batch
+      or rhs_batch or rhs.ndim != 2):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  out = matmul(lhs, rhs)
+  return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
+def dense(features: int, axes: tuple[str, str], *, kernel_init: Initializer,
+          bias_init: Initializer, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+  """A Dense layer with bias whose kernel/bias carry the logical axes ``axes`` / ``axes[1:]``.
+
+  Kernel (in, out) and bias are created in ``param_dtype``; the matmul runs in ``dtype``.
+  """
+  return nn.Dense(
+      features, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, axes[1:]),
+      dot_general=_dense_dot_general, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+
+class RMSNorm(nn.Module):
+  """``x * rsqrt(mean(x^2) + eps) * weight`` in float32, no bias; output in ``dtype``."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                               ("norm",)),
+                        (x.shape[-1],), self.param_dtype)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * weight.astype(jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (interleaved: adjacent pairs 2i, 2i+1)
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Array:
+  """``theta^(-2i/head_dim)`` for i < head_dim/2, in float32."""
+  exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  return 1.0 / (jnp.float32(theta) ** exponent)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float = 10000.0) -> RopeTables:
+  """cos/sin tables for per-token ``positions`` (batch, length) (0 at each document start).
+
+  Computed once per forward and shared by every layer. Returns two (batch, length, 1, head_dim/2)
+  float32 arrays that broadcast over the heads axis of (batch, length, heads, head_dim).
+  """
+  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta)
+  angles = angles[..., None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, rope: RopeTables) -> Array:
+  """Rotates each adjacent pair ``(x[2i], x[2i+1])`` of the last axis by ``angle_i``, in float32.
+
+  ``x`` is (batch, length, heads, head_dim); the result has ``x.dtype``. This is the interleaved
+  (complex-number) layout of the reference, NOT the "rotate_half" layout.
+  """
+  cos, sin = rope
+  dtype = x.dtype
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+  x0, x1 = pairs[..., 0], pairs[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: boolean, True = may attend. Shapes broadcast to (batch, heads, q_len, kv_len).
+
+def causal_mask(q_index: Array, kv_index: Array) -> Array:
+  """``q_index[..., i] >= kv_index[..., j]`` -> (..., q_len, kv_len).
+
+  Indices are positions in the (packed) row; for a KV cache pass the cache offsets as indices.
+  """
+  return q_index[..., :, None] >= kv_index[..., None, :]
+
+
+def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
+  """Same segment and not padding (segment id 0) -> (batch, q_len, kv_len)."""
+  q = q_segment_ids[..., :, None]
+  return (q == kv_segment_ids[..., None, :]) & (q > 0)
+
+
+def causal_segment_mask(segment_ids: Array) -> Array:
+  """The packed-row self-attention mask: causal AND same segment AND segment > 0.
+
+  ``segment_ids`` is (batch, length), 0 = padding. Returns (batch, 1, length, length) bool.
+  Padding rows are fully masked (see :func:`dot_product_attention` for why that is safe).
+  """
+  index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+  mask = segment_mask(segment_ids, segment_ids) & causal_mask(index, index)[None]
+  return mask[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
+                          dtype: Dtype) -> Array:
+  """Softmax attention. q (B, Lq, H, D), k/v (B, Lk, H, D), mask bool broadcastable to
+  (B, H, Lq, Lk) or None. Scale 1/sqrt(D); einsums in ``dtype``; logits/softmax in float32.
+
+  Fully masked rows get a finite mask value, hence a uniform (not NaN) distribution; their outputs
+  are garbage but finite, and never reach unmasked positions.
+  """
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+
+
+class Attention(nn.Module):
+  """Multi-head attention with biased q/k/v/output projections (reference layout and init).
+
+  Self-attention by default; pass ``kv`` for cross-attention. Projections are separate methods so
+  a KV cache can be slotted in between projection and :func:`dot_product_attention` later.
+  """
+
+  model_dim: int
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self) -> None:
+    inner = self.num_heads * self.head_dim
+    qkv_init = xavier_uniform(2 ** -0.5)
+    zeros = nn.initializers.zeros_init()
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bias_init=zeros)
+    self.q_proj = dense(inner, ("embed", "heads"), kernel_init=qkv_init, name="q_proj", **kw)
+    self.k_proj = dense(inner, ("embed", "heads"), kernel_init=qkv_init, name="k_proj", **kw)
+    self.v_proj = dense(inner, ("embed", "heads"), kernel_init=qkv_init, name="v_proj", **kw)
+    self.output_proj = dense(self.model_dim, ("heads", "embed"), kernel_init=xavier_uniform(),
+                             name="output_proj", **kw)
+
+  def _split_heads(self, x: Array) -> Array:
+    x = x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+    return nn.with_logical_constraint(x, BLHD)
+
+  def project_q(self, x: Array) -> Array:
+    """(B, L, model_dim) -> queries (B, L, H, D), before RoPE."""
+    return self._split_heads(self.q_proj(x))
+
+  def project_kv(self, kv: Array) -> tuple[Array, Array]:
+    """(B, L, model_dim) -> keys and values (B, L, H, D), before RoPE."""
+    return self._split_heads(self.k_proj(kv)), self._split_heads(self.v_proj(kv))
+
+  def __call__(self, x: Array, kv: Optional[Array] = None, *, mask: Optional[Array],
+               rope: Optional[RopeTables] = None,
+               kv_rope: Optional[RopeTables] = None) -> Array:
+    """Attends from ``x`` (B, Lq, model_dim) to ``kv`` (B, Lk, model_dim; default ``x``).
+
+    ``rope`` rotates the queries and, unless ``kv_rope`` is given, the keys; None = no RoPE.
+    """
+    q = self.project_q(x)
+    k, v = self.project_kv(x if kv is None else kv)
+    if rope is not None:
+      q = apply_rope(q, rope)
+      k = apply_rope(k, rope if kv_rope is None else kv_rope)
+    out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
+    out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
+    return self.output_proj(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward
+
+class SwiGLUFFN(nn.Module):
+  """``output_proj(silu(gate_proj(h)) * inner_proj(h))``, all with bias, torch-default init."""
+
+  model_dim: int
+  inner_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=torch_linear_kernel_init())
+    up_bias = torch_linear_bias_init(self.model_dim)
+    gate = dense(self.inner_dim, ("embed", "mlp"), bias_init=up_bias, name="gate_proj", **kw)(x)
+    inner = dense(self.inner_dim, ("embed", "mlp"), bias_init=up_bias, name="inner_proj", **kw)(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * inner, BLM)
+    return dense(self.model_dim, ("mlp", "embed"), bias_init=torch_linear_bias_init(self.inner_dim),
+                 name="output_proj", **kw)(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder layer and stack
+
+class DecoderLayer(nn.Module):
+  """Pre-norm layer: ``x += drop(self_attn(rms(x)))``; ``x += drop(ffn(rms(x)))``.
+
+  ``deterministic`` may be set as a field (what :class:`TransformerStack` does, so remat/scan need
+  no static arguments) or passed to ``__call__``. With ``scan_output`` the layer returns
+  ``(x, None)``, the carry/output pair ``nn.scan`` expects.
+  """
+
+  config: ModelConfig
+  deterministic: Optional[bool] = None
+  scan_output: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array], rope: Optional[RopeTables],
+               deterministic: Optional[bool] = None) -> Any:
+    cfg = self.config
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    dtype, param_dtype = cfg.compute_dtype(), cfg.parameter_dtype()
+    x = x.astype(jnp.float32)
+
+    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="self_attn_layer_norm")(x)
+    h = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
+                  name="self_attn")(h, mask=mask, rope=rope)
+    h = nn.Dropout(cfg.dropout, name="attn_dropout")(h, deterministic=deterministic)
+    x = nn.with_logical_constraint(x + h.astype(jnp.float32), BLE)
+
+    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="ffn_layer_norm")(x)
+    h = SwiGLUFFN(cfg.model_dim, cfg.swiglu_inner_dim, dtype, param_dtype, name="ffn")(h)
+    h = nn.Dropout(cfg.dropout, name="ffn_dropout")(h, deterministic=deterministic)
+    x = nn.with_logical_constraint(x + h.astype(jnp.float32), BLE)
+    return (x, None) if self.scan_output else x
+
+
+_REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_layer(layer_cls: type[nn.Module], policy: str, *, scanned: bool) -> type[nn.Module]:
+  """Wraps ``layer_cls`` in ``nn.remat`` for ``policy`` (``none`` returns it unchanged)."""
+  if policy == "none":
+    return layer_cls
+  if policy not in _REMAT_POLICIES:
+    raise ValueError(f"remat_policy {policy!r} not in {['none', *_REMAT_POLICIES]}")
+  return nn.remat(layer_cls, policy=_REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+class TransformerStack(nn.Module):
+  """``num_layers`` :class:`DecoderLayer` s and a final RMSNorm ``layer_norm``.
+
+  ``scan_layers=True``: one ``nn.scan`` module ``layers`` whose params are stacked on a leading
+  axis (logical name ``layers``). ``False``: modules ``layers_0`` ... ``layers_{N-1}``.
+  The mask and the RoPE tables are built once here and shared by every layer.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
+               deterministic: bool = True, mask: Optional[Array] = None) -> Array:
+    """x (B, L, model_dim); segment_ids/positions (B, L) int (0 = padding; positions restart at
+    0 per document). ``mask`` overrides the default :func:`causal_segment_mask`.
+    Returns (B, L, model_dim) in the compute dtype."""
+    cfg = self.config
+    if mask is None:
+      mask = causal_segment_mask(segment_ids)
+    mask = nn.with_logical_constraint(mask, ("activation_batch", None, None, None))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x = nn.with_logical_constraint(x.astype(jnp.float32), BLE)
+
+    layer_cls = remat_layer(DecoderLayer, cfg.remat_policy, scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = stack(cfg, deterministic=deterministic, scan_output=True, name="layers")(
+          x, mask, rope)
+    else:
+      for i in range(cfg.num_layers):
+        x = layer_cls(cfg, deterministic=deterministic, name=f"layers_{i}")(x, mask, rope)
+
+    return RMSNorm(cfg.norm_eps, cfg.compute_dtype(), cfg.parameter_dtype(),
+                   name="layer_norm")(x)

@@ -1,0 +1,132 @@
+"""The model configuration: one frozen, hashable dataclass shared by every model family.
+
+Field names and defaults mirror ``configs/base.py:model_config()`` (the reference's names). Build it
+from a recipe with :meth:`ModelConfig.from_config`, which rejects unknown fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+FAMILIES = ("base_lcm", "two_tower_diffusion_lcm")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of an LCM (LCM_SPEC sections 3-4). Frozen, so usable as a jit static arg."""
+
+  family: str = "base_lcm"
+  """Model family: ``base_lcm`` or ``two_tower_diffusion_lcm``."""
+  sonar_embed_dim: int = 1024
+  """SONAR space size: input of the pre-net, output of the post-net."""
+  model_dim: int = 2048
+  """Width of the transformer residual stream."""
+  num_layers: int = 32
+  """Number of decoder layers."""
+  num_heads: int = 16
+  """Attention heads; ``model_dim / num_heads`` must be an even integer (RoPE pairs)."""
+  ffn_inner_dim: int = 8192
+  """FFN size before the SwiGLU 2/3-and-round-up rule (see :attr:`swiglu_inner_dim`)."""
+  ffn_multiple_of: int = 256
+  """The SwiGLU inner size is rounded up to a multiple of this."""
+  max_seq_len: int = 4096
+  """Longest sequence (concepts) the model is meant for; RoPE itself has no limit."""
+  dropout: float = 0.1
+  """Dropout on attention and FFN sub-block outputs (none on attention weights)."""
+  rope_theta: float = 10000.0
+  """RoPE base."""
+  norm_eps: float = 1e-5
+  """RMSNorm epsilon."""
+  dtype: str = "auto"
+  """Compute dtype of matmuls: ``auto`` = bfloat16 on GPU/TPU, float32 on CPU."""
+  param_dtype: str = "float32"
+  """Dtype parameters are created and stored in."""
+  scan_layers: bool = True
+  """``nn.scan`` over layers (params stacked on a leading ``layers`` axis)."""
+  remat_policy: str = "none"
+  """Rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable."""
+
+  def __post_init__(self) -> None:
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family: {self.family!r} not in {FAMILIES}")
+    for name in ("sonar_embed_dim", "model_dim", "num_layers", "num_heads", "ffn_inner_dim",
+                 "ffn_multiple_of", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"ModelConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"ModelConfig.dtype: {self.dtype!r} not in {DTYPES}")
+    if self.param_dtype not in DTYPES[1:]:
+      raise ValueError(f"ModelConfig.param_dtype: {self.param_dtype!r} not in {DTYPES[1:]}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy: {self.remat_policy!r} not in {REMAT_POLICIES}")
+    _ = self.head_dim  # validates num_heads / model_dim
+
+  @classmethod
+  def field_names(cls) -> tuple[str, ...]:
+    """The names of all fields, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    """Builds a config from a dict, an ``ml_collections.ConfigDict`` or a :class:`ModelConfig`.
+
+    Missing fields take the defaults above; unknown fields raise ``ValueError`` naming them.
+    """
+    if isinstance(cfg, ModelConfig):
+      return cfg
+    if hasattr(cfg, "to_dict"):
+      cfg = cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+      raise TypeError(f"ModelConfig.from_config: expected a dict or ConfigDict, got {type(cfg)}")
+    known = set(cls.field_names())
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+      raise ValueError(f"config.model: unknown field(s) {unknown}; "
+                       f"ModelConfig accepts {sorted(known)}")
+    return cls(**dict(cfg))
+
+  @property
+  def head_dim(self) -> int:
+    """Per-head size; must divide ``model_dim`` and be even (RoPE rotates pairs)."""
+    if self.model_dim % self.num_heads:
+      raise ValueError(f"ModelConfig: model_dim {self.model_dim} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    head_dim = self.model_dim // self.num_heads
+    if head_dim % 2:
+      raise ValueError(f"ModelConfig: head_dim {head_dim} (model_dim / num_heads) must be even "
+                       "for rotary embeddings")
+    return head_dim
+
+  @property
+  def swiglu_inner_dim(self) -> int:
+    """``ffn_inner_dim * 2/3`` rounded UP to a multiple of ``ffn_multiple_of`` (8192 -> 5632).
+
+    As the reference (fairseq2's GLU FFN) does it: ``int(ffn_inner_dim * 2/3)`` first (truncation),
+    then rounded up, so the size always matches a reference checkpoint.
+    """
+    inner = int(self.ffn_inner_dim * (2 / 3))
+    m = self.ffn_multiple_of
+    return m * ((inner + m - 1) // m)
+
+  def compute_dtype(self) -> jnp.dtype:
+    """The matmul dtype; ``auto`` is bfloat16 on GPU/TPU and float32 on CPU."""
+    if self.dtype == "auto":
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+    return jnp.dtype(self.dtype)
+
+  def parameter_dtype(self) -> jnp.dtype:
+    """The dtype parameters are created in (``param_dtype`` as a NumPy dtype)."""
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    """A copy with some fields changed."""
+    return dataclasses.replace(self, **changes)
