@@ -24,6 +24,22 @@ def model_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"      # params and optimizer state stay fp32
   m.scan_layers = True           # nn.scan over layers: compile time flat in depth
   m.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  # Two-Tower diffusion (LCM_SPEC section 5); num_layers is then the contextualizer depth.
+  m.denoiser_num_layers = 13
+  m.timestep_embed_dim = 256     # DiT sinusoidal features, cos half first
+  m.num_diffusion_train_steps = 100
+  m.beta_schedule = "squaredcos_cap_v2"  # | sigmoid | linear | scaled_linear
+  m.beta_start = 0.0001          # linear / scaled_linear
+  m.beta_end = 0.02
+  m.sigmoid_alpha = 1.5          # sigmoid schedule (paper eq. 14)
+  m.sigmoid_beta = 0.0
+  m.rescale_zero_terminal_snr = True
+  m.loss_weighting = "none"      # none | clamped_snr | fragility
+  m.snr_clamp_min = 0.0
+  m.snr_clamp_max = 5.0
+  m.fragility_a = -4.0
+  m.fragility_b = 3.5
+  m.cfg_dropout = 0.15           # classifier-free guidance: drop a position's conditioning
   return m
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 FAMILIES = ("base_lcm", "two_tower_diffusion_lcm")
+BETA_SCHEDULES = ("squaredcos_cap_v2", "sigmoid", "linear", "scaled_linear")
+LOSS_WEIGHTINGS = ("none", "clamped_snr", "fragility")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -52,11 +54,45 @@ class ModelConfig:
   remat_policy: str = "none"
   """Rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable."""
 
+  # --- Two-Tower diffusion LCM (family ``two_tower_diffusion_lcm``, LCM_SPEC section 5). There
+  # ``num_layers`` is the contextualizer depth; the denoiser has ``denoiser_num_layers``.
+  denoiser_num_layers: int = 13
+  """Denoiser layers (self-attention, cross-attention, FFN, each AdaLN-modulated)."""
+  timestep_embed_dim: int = 256
+  """Sinusoidal timestep features (cos half first) fed to ``denoiser.embed_time.fc1``."""
+  num_diffusion_train_steps: int = 100
+  """Training timesteps T; t is an integer in [0, T)."""
+  beta_schedule: str = "squaredcos_cap_v2"
+  """Noise schedule: squaredcos_cap_v2 | sigmoid | linear | scaled_linear."""
+  beta_start: float = 0.0001
+  """First beta of the linear / scaled_linear schedules."""
+  beta_end: float = 0.02
+  """Last beta of the linear / scaled_linear schedules."""
+  sigmoid_alpha: float = 1.5
+  """Sigmoid schedule (paper eq. 14) scale."""
+  sigmoid_beta: float = 0.0
+  """Sigmoid schedule (paper eq. 14) shift."""
+  rescale_zero_terminal_snr: bool = True
+  """Rescale the schedule so alpha_bar[T-1] = 0 (zero terminal SNR)."""
+  loss_weighting: str = "none"
+  """Per-position loss weight w(t): none | clamped_snr | fragility."""
+  snr_clamp_min: float = 0.0
+  """clamped_snr: lower clamp of SNR(t)."""
+  snr_clamp_max: float = 5.0
+  """clamped_snr: upper clamp of SNR(t)."""
+  fragility_a: float = -4.0
+  """fragility weighting slope a."""
+  fragility_b: float = 3.5
+  """fragility weighting offset b."""
+  cfg_dropout: float = 0.15
+  """Probability that a position's conditioning is dropped in training (classifier-free guidance)."""
+
   def __post_init__(self) -> None:
     if self.family not in FAMILIES:
       raise ValueError(f"ModelConfig.family: {self.family!r} not in {FAMILIES}")
     for name in ("sonar_embed_dim", "model_dim", "num_layers", "num_heads", "ffn_inner_dim",
-                 "ffn_multiple_of", "max_seq_len"):
+                 "ffn_multiple_of", "max_seq_len", "denoiser_num_layers", "timestep_embed_dim",
+                 "num_diffusion_train_steps"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
@@ -68,6 +104,16 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.param_dtype: {self.param_dtype!r} not in {DTYPES[1:]}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy: {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.beta_schedule not in BETA_SCHEDULES:
+      raise ValueError(f"ModelConfig.beta_schedule: {self.beta_schedule!r} not in {BETA_SCHEDULES}")
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f"ModelConfig.loss_weighting: {self.loss_weighting!r} not in "
+                       f"{LOSS_WEIGHTINGS}")
+    if self.timestep_embed_dim % 2:
+      raise ValueError(f"ModelConfig.timestep_embed_dim: must be even, got {self.timestep_embed_dim}")
+    if not 0.0 <= float(self.cfg_dropout) < 1.0:
+      raise ValueError(f"ModelConfig.cfg_dropout: expected 0 <= cfg_dropout < 1, got "
+                       f"{self.cfg_dropout!r}")
     _ = self.head_dim  # validates num_heads / model_dim
 
   @classmethod
