@@ -94,5 +94,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
   c.train.peak_flops = 0.0         # per device; 0 = look up from the device kind
+  c.train.init_from = ""           # fine-tuning: start from WORKDIR[@STEP]'s params and buffers
   c.train.log_batch_fingerprints = False  # for determinism tests: hash of every batch in metrics
   return c

@@ -41,6 +41,16 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mgr.all_steps())
 
+  def _existing_step(self, step: int | None, purpose: str) -> int:
+    """``step`` (latest if None), checked to exist; CheckpointError otherwise."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no checkpoint {purpose}")
+    if step not in self.all_steps():
+      raise CheckpointError(f"{self.directory}: no checkpoint for step {step} "
+                            f"(available: {self.all_steps()})")
+    return step
+
   def save(self, step: int, state: Any, data_iter: Any | None, meta: dict[str, Any],
            *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -50,17 +60,29 @@ class Checkpointer:
 
   def restore(self, step: int | None, abstract_state: Any, data_iter: Any | None = None):
     """Restores ``state`` onto the shardings in ``abstract_state`` (any mesh) and the iterator."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"{self.directory}: no checkpoint to restore")
-    if step not in self.all_steps():
-      raise CheckpointError(f"{self.directory}: no checkpoint for step {step} "
-                            f"(available: {self.all_steps()})")
+    step = self._existing_step(step, "to restore")
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
+
+  def restore_weights(self, step: int | None, abstract_weights: dict[str, Any]) -> dict[str, Any]:
+    """Restores only ``params`` and ``buffers`` (no optimizer state, step or data iterator).
+
+    ``abstract_weights`` is ``{"params": ..., "buffers": ...}`` of ShapeDtypeStructs with target
+    shardings. Used to start fine-tuning from a pre-trained run whose optimizer may differ.
+    """
+    step = self._existing_step(step, "to initialise from")
+    path = os.path.join(self.directory, str(step), "state")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      try:
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract_weights, restore_args=restore_args, partial_restore=True))
+      except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot restore params/buffers for this model config "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()

@@ -15,7 +15,12 @@ Every batch is a dict of numpy arrays with ``B = global_batch_size // process_co
 * ``segment_ids`` int32 (B, L): 1, 2, ... per document piece within a row, 0 = padding;
 * ``positions``   int32 (B, L): 0, 1, ... within each piece (RoPE restarts), 0 on padding;
 * ``target_mask`` float32 (B, L): 1 where the concept is a training target (not padding, not
-  the first concept of a piece).
+  the first concept of a piece; for fine-tuning documents, those with a ``source_len`` in their
+  header, only the target concepts).
+
+Fine-tuning documents are never split: one longer than ``max_doc_len`` loses its EARLIEST source
+concepts (at least one source concept is kept); a target that cannot fit with one source concept
+is a :class:`~lcm_jax.schema.ShardFormatError`.
 
 The train iterator is a Grain ``DatasetIterator``: ``get_state()`` returns a JSON-serialisable
 dict and ``set_state()`` resumes exactly (also behind ``mp_prefetch``). Save it with Orbax via
@@ -207,7 +212,8 @@ def eval_document_mask(num_documents: int, fraction: float) -> np.ndarray:
 
 
 class _ReadDocument(grain.transforms.Map):
-  """Global document index -> ``{"embeddings": float32 (n, dim)}``, errors naming file+record."""
+  """Global document index -> ``{"embeddings": float32 (n, dim), "source_len": int64 ()}``
+  (``source_len`` 0 for pre-training documents), errors naming file+record."""
 
   def __init__(self, source: grain.sources.ArrayRecordDataSource, info: _DatasetInfo):
     self._source = source
@@ -228,7 +234,11 @@ class _ReadDocument(grain.transforms.Map):
           f"{path}: record {record}: field 'record': cannot read ({type(e).__name__}: {e}); "
           "truncated or corrupt shard") from None
     doc = schema.decode_document(raw, path=path, index=record, expected_dim=self._dim)
-    return {"embeddings": np.asarray(doc.embeddings, dtype=np.float32)}
+    out = {"embeddings": np.asarray(doc.embeddings, dtype=np.float32),
+           "source_len": np.int64(doc.source_len or 0)}
+    if doc.source_len is not None:
+      out["where"] = f"{path}: record {record} (document {doc.id!r})"
+    return out
 
 
 class _WrapPieces(grain.experimental.FlatMapTransform):
@@ -240,6 +250,9 @@ class _WrapPieces(grain.experimental.FlatMapTransform):
 
   def flat_map(self, element: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     emb = element["embeddings"]
+    source_len = int(element.get("source_len", 0))
+    if source_len:
+      return [self._source_target(emb, source_len, element.get("where", "<document>"))]
     pieces = []
     for start in range(0, emb.shape[0], self.max_doc_len):
       piece = emb[start:start + self.max_doc_len]
@@ -247,6 +260,19 @@ class _WrapPieces(grain.experimental.FlatMapTransform):
       mask[0] = 0.0
       pieces.append({"embeddings": piece, "target_mask": mask})
     return pieces
+
+  def _source_target(self, emb: np.ndarray, source_len: int, where: str) -> dict[str, np.ndarray]:
+    """One piece: the target whole, preceded by as much of the source's END as fits."""
+    target_len = emb.shape[0] - source_len
+    if target_len + 1 > self.max_doc_len:
+      raise schema.ShardFormatError(
+          f"{where}: field 'source_len': the target has {target_len} concepts; with one source "
+          f"concept it does not fit config.data.max_doc_len={self.max_doc_len}")
+    start = max(0, emb.shape[0] - self.max_doc_len)
+    piece = emb[start:]
+    mask = np.zeros(piece.shape[0], dtype=np.float32)
+    mask[source_len - start:] = 1.0
+    return {"embeddings": piece, "target_mask": mask}
 
 
 def _collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, row_start: int = 0,

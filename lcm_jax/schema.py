@@ -11,8 +11,13 @@ A record is::
 
     b"LCMD" | uint8 version (=1) | uint32 LE header length H | H bytes UTF-8 JSON header | payload
 
-with header ``{"id": str, "n": int, "dim": int, "dtype": "float16"|"float32", "texts": [str]*n?}``
-and payload the ``n x dim`` embedding matrix, C order, little endian, in ``dtype``.
+with header ``{"id": str, "n": int, "dim": int, "dtype": "float16"|"float32", "texts": [str]*n?,
+"source_len": int?}`` and payload the ``n x dim`` embedding matrix, C order, little endian, in
+``dtype``.
+
+``source_len`` marks a fine-tuning (source/target) document: its first ``source_len`` concepts are
+the source (the prompt, ending with the "[MODEL]:" suffix sentence), the rest the target (ending with
+"End of text."). Only target concepts are training targets. Absent = a pre-training document.
 
 This module depends on numpy only, so the PyTorch side (``data_prep``) and the JAX side share it.
 Errors are :class:`ShardFormatError` and name the file, the record index and the field.
@@ -47,11 +52,21 @@ class ShardFormatError(ValueError):
 
 @dataclasses.dataclass
 class Document:
-  """One document: ``embeddings`` is (n, dim); ``texts`` optional, one sentence per concept."""
+  """One document: ``embeddings`` is (n, dim); ``texts`` optional, one sentence per concept;
+  ``source_len`` optional: the first ``source_len`` concepts are a fine-tuning source."""
 
   id: str
   embeddings: np.ndarray
   texts: Sequence[str] | None = None
+  source_len: int | None = None
+
+
+def _check_source_len(source_len: Any, n: int, where: str) -> None:
+  if (not isinstance(source_len, int) or isinstance(source_len, bool)
+      or not 1 <= source_len < n):
+    raise ShardFormatError(f"{where}: field 'source_len': {source_len!r} is not an int in "
+                           f"[1, n-1] = [1, {n - 1}] (a source/target document needs at least one "
+                           "concept on each side)")
 
 
 def _where(path: str | None, index: int | None) -> str:
@@ -84,6 +99,9 @@ def encode_document(doc: Document, dtype: str = DEFAULT_DTYPE) -> bytes:
       raise ShardFormatError(
           f"{where}: field 'texts': {len(texts)} texts for {emb.shape[0]} concepts")
     header["texts"] = texts
+  if doc.source_len is not None:
+    _check_source_len(doc.source_len, int(emb.shape[0]), where)
+    header["source_len"] = int(doc.source_len)
   hbytes = json.dumps(header, ensure_ascii=False).encode("utf-8")
   return _PREFIX.pack(MAGIC, VERSION, len(hbytes)) + hbytes + emb.astype(emb.dtype.newbyteorder("<")).tobytes()
 
@@ -132,7 +150,10 @@ def decode_document(data: bytes, *, path: str | None = None, index: int | None =
   texts = header.get("texts")
   if texts is not None and len(texts) != n:
     raise ShardFormatError(f"{where}: field 'texts': {len(texts)} texts for {n} concepts")
-  return Document(id=header["id"], embeddings=emb, texts=texts)
+  source_len = header.get("source_len")
+  if source_len is not None:
+    _check_source_len(source_len, n, where)
+  return Document(id=header["id"], embeddings=emb, texts=texts, source_len=source_len)
 
 
 def shard_name(index: int, count: int, prefix: str = "shard") -> str:

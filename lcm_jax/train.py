@@ -123,6 +123,26 @@ def set_normalizer(buffers, normalizer: Normalizer, shardings):
   return jax.tree_util.tree_map_with_path(put, buffers, shardings)
 
 
+def load_pretrained(s: Setup, state: State, init_from: str) -> State:
+  """Replaces ``params`` and ``buffers`` (the normalizer too) with those of another run.
+
+  ``init_from`` is a workdir (its latest checkpoint) or ``WORKDIR@STEP``. The optimizer state,
+  step counter and data iterator start fresh: this is how fine-tuning starts from pre-training.
+  """
+  path, _, step = init_from.partition("@")
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ckpt_lib.CheckpointError(f"config.train.init_from: {path} has no checkpoints/ directory")
+  src = ckpt_lib.Checkpointer(path, create=False, async_save=False)
+  try:
+    weights = src.restore_weights(int(step) if step else None,
+                                  {"params": s.abstract_state["params"],
+                                   "buffers": s.abstract_state["buffers"]})
+  finally:
+    src.close()
+  logging.info("Initialised params and buffers from %s", init_from)
+  return dict(state, params=weights["params"], buffers=weights["buffers"])
+
+
 # ----------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, _ = ckpt.restore(latest, s.abstract_state, train_iter)
     else:
       state = init_state(s, normalizer)
+      init_from = config.train.get("init_from", "")
+      if init_from:
+        state = load_pretrained(s, state, init_from)
       writer.write_hparams(dict(_flatten(config.to_dict())))
     start = int(state["step"])
     meta = {"config": config.to_json(), "mesh": dict(s.mesh.shape), "normalizer": normalizer_path}
