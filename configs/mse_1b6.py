@@ -7,6 +7,10 @@ Run:
 Tiny CPU variant (the README's default job):
   python -m lcm_jax.main --config=configs/mse_1b6.py:tiny --workdir=workdir/tiny
 Bench variant (benchmarks/train_step.py): d 1024, 8 layers, 16 heads, 16 rows x 128 concepts.
+Supervised fine-tuning (source/target shards, see lcm_jax/schema.py ``source_len``) from a
+pre-trained run:
+  python -m lcm_jax.main --config=configs/mse_1b6.py:sft --workdir=/path/to/sft \
+      --config.train.init_from=/path/to/pretrain_workdir --config.data.train=/data/sft_pairs
 """
 
 from configs import base
@@ -55,6 +59,25 @@ def get_config(variant: str = ""):
     c.data.global_batch_size = 16
     c.mesh.data = -1
     c.mesh.fsdp = 1
+  elif variant == "sft":
+    apply_sft_recipe(c)
   elif variant:
-    raise ValueError(f"configs/mse_1b6.py: unknown variant {variant!r} (expected '', 'tiny' or 'bench')")
+    raise ValueError(f"configs/mse_1b6.py: unknown variant {variant!r} "
+                     "(expected '', 'tiny', 'bench' or 'sft')")
+  return c
+
+
+def apply_sft_recipe(c):
+  """The reference fine-tuning recipe (LCM_SPEC section 4): lr 3e-5, warmup 3k, wd 0.01, 20k steps.
+
+  Data are source/target documents; only target concepts are scored. ``train.init_from`` must
+  name the pre-trained workdir (``WORKDIR`` or ``WORKDIR@STEP``).
+  """
+  c.optimizer.lr = 3e-5
+  c.optimizer.warmup_steps = 3_000
+  c.optimizer.decay_steps = 20_000
+  c.optimizer.final_lr = 3e-6
+  c.optimizer.weight_decay = 0.01
+  c.train.num_steps = 20_000
+  c.data.train = ""
   return c

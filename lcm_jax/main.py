@@ -41,6 +41,13 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdir", f"{name}_{variant}" if variant else name)
 
 
+def _layers(cfg) -> str:
+  if cfg.family == "two_tower_diffusion_lcm":
+    return (f"{cfg.num_layers} contextualizer + {cfg.denoiser_num_layers} denoiser "
+            f"(T={cfg.num_diffusion_train_steps}, {cfg.beta_schedule})")
+  return str(cfg.num_layers)
+
+
 def describe(config) -> str:
   """Parameter count and FLOPs per concept, from shapes only (``jax.eval_shape``)."""
   from lcm_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
@@ -50,7 +57,7 @@ def describe(config) -> str:
   f = flops_lib.train_flops_per_concept(cfg, config.data.seq_len)
   lines = [
       f"model family          {cfg.family}",
-      f"model_dim / layers    {cfg.model_dim} / {cfg.num_layers} ({cfg.num_heads} heads, "
+      f"model_dim / layers    {cfg.model_dim} / {_layers(cfg)} ({cfg.num_heads} heads, "
       f"head_dim {cfg.head_dim})",
       f"SwiGLU inner dim      {cfg.swiglu_inner_dim} (ffn_inner_dim {cfg.ffn_inner_dim})",
       f"parameters            {n:,} ({n / 1e9:.4f} B; trainable, excluding the "
