@@ -8,7 +8,17 @@ Building blocks, each small and reusable by the Two-Tower denoiser:
   * :func:`dot_product_attention` (einsums in the compute dtype, softmax in float32);
   * :class:`Attention` (q/k/v/output projections with bias; optional separate key/value input);
   * :class:`SwiGLUFFN`; :class:`DecoderLayer` (pre-norm); :class:`TransformerStack`
-    (N layers + final ``layer_norm``; ``nn.scan`` or unrolled; optional remat).
+    (N layers + final ``layer_norm``; ``nn.scan`` or unrolled; optional remat);
+  * a KV cache for incremental decoding: :func:`init_cache`, :func:`update_cache`,
+    :func:`cache_mask` and the ``cache=``/``cache_index=`` arguments of :class:`TransformerStack`.
+
+KV cache layout: a plain pytree ``{"k": (num_layers, B, T, H, D), "v": (same)}`` in the compute
+dtype, keys stored AFTER RoPE (rotated with the document position of the token that wrote them).
+Row ``b`` writes its new block at slots ``cache_index[b] + i``; queries see every slot up to their
+own (causal in slot space). The caller keeps the contract "slots below ``cache_index[b]`` hold
+valid entries": right-padded prompts are prefilled from slot 0 and the next write of row ``b``
+starts at its true length, so slots written by padding are overwritten before any query can see
+them. Without a cache every call behaves exactly as before.
 
 Parameter names mirror the reference checkpoint keys (``self_attn_layer_norm``,
 ``self_attn.{q,k,v,output}_proj``, ``ffn_layer_norm``, ``ffn.{gate,inner,output}_proj``,
@@ -39,6 +49,8 @@ Dtype = Any
 Initializer = Callable[..., Array]
 RopeTables = tuple[Array, Array]
 """``(cos, sin)``, each (batch, length, 1, head_dim // 2) float32, broadcast over heads."""
+KVCache = dict[str, Array]
+"""``{"k": ..., "v": ...}``: (num_layers, B, T, H, D) for a stack, (B, T, H, D) for one layer."""
 
 # Logical activation layouts.
 BLE = ("activation_batch", "activation_length", "activation_embed")
@@ -213,6 +225,43 @@ def causal_segment_mask(segment_ids: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# KV cache
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Optional[Dtype] = None,
+               num_layers: Optional[int] = None) -> KVCache:
+  """An empty (zero) KV cache for a :class:`TransformerStack` built from ``cfg``.
+
+  Returns ``{"k", "v"}``, each (num_layers, batch, max_len, num_heads, head_dim) in ``dtype``
+  (default: the compute dtype). ``num_layers`` defaults to ``cfg.num_layers``.
+  """
+  dtype = cfg.compute_dtype() if dtype is None else jnp.dtype(dtype)
+  depth = cfg.num_layers if num_layers is None else num_layers
+  shape = (depth, batch, max_len, cfg.num_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def update_cache(cache: Array, new: Array, index: Array) -> Array:
+  """Writes ``new`` (B, Lq, H, D) into ``cache`` (B, T, H, D) at slots ``index[b] + i``.
+
+  ``index`` is (B,) int. Writes past slot T-1 are dropped (never clamped onto valid slots).
+  """
+  rows = jnp.arange(new.shape[0], dtype=jnp.int32)[:, None]
+  slots = index.astype(jnp.int32)[:, None] + jnp.arange(new.shape[1], dtype=jnp.int32)[None]
+  return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def cache_mask(cache_index: Array, q_len: int, cache_len: int) -> Array:
+  """Causal mask in cache-slot space for a block of ``q_len`` new tokens written at
+  ``cache_index`` (B,): query i of row b sees slots ``<= cache_index[b] + i``.
+
+  Returns (B, 1, q_len, cache_len) bool.
+  """
+  q_slots = cache_index.astype(jnp.int32)[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None]
+  kv_slots = jnp.arange(cache_len, dtype=jnp.int32)
+  return causal_mask(q_slots, kv_slots[None])[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
 # Attention
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
@@ -235,8 +284,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *
 class Attention(nn.Module):
   """Multi-head attention with biased q/k/v/output projections (reference layout and init).
 
-  Self-attention by default; pass ``kv`` for cross-attention. Projections are separate methods so
-  a KV cache can be slotted in between projection and :func:`dot_product_attention` later.
+  Self-attention by default; pass ``kv`` for cross-attention. Projections are separate methods
+  (callers may cache keys/values between projection and :func:`dot_product_attention`);
+  :meth:`cached` is self-attention over a KV cache.
   """
 
   model_dim: int
@@ -284,6 +334,27 @@ class Attention(nn.Module):
     out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
     return self.output_proj(out)
 
+  def cached(self, x: Array, cache: KVCache, cache_index: Array, *, mask: Array,
+             rope: Optional[RopeTables] = None) -> tuple[Array, KVCache]:
+    """Self-attention of the new block ``x`` (B, Lq, model_dim) over a KV cache.
+
+    The block's keys (rotated by ``rope``) and values are written into ``cache`` (this layer's
+    ``{"k", "v"}``, each (B, T, H, D)) at slots ``cache_index[b] + i`` (see :func:`update_cache`),
+    then the queries attend to all T slots under ``mask`` (B or 1, 1, Lq, T).
+    Returns ``(output (B, Lq, model_dim), updated cache)``.
+    """
+    q = self.project_q(x)
+    k, v = self.project_kv(x)
+    if rope is not None:
+      q = apply_rope(q, rope)
+      k = apply_rope(k, rope)
+    new_cache = {
+        "k": nn.with_logical_constraint(update_cache(cache["k"], k, cache_index), BLHD),
+        "v": nn.with_logical_constraint(update_cache(cache["v"], v, cache_index), BLHD)}
+    out = dot_product_attention(q, new_cache["k"], new_cache["v"], mask, dtype=self.dtype)
+    out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
+    return self.output_proj(out), new_cache
+
 
 # ----------------------------------------------------------------------------------------------
 # Feed-forward
@@ -317,6 +388,10 @@ class DecoderLayer(nn.Module):
   ``deterministic`` may be set as a field (what :class:`TransformerStack` does, so remat/scan need
   no static arguments) or passed to ``__call__``. With ``scan_output`` the layer returns
   ``(x, None)``, the carry/output pair ``nn.scan`` expects.
+
+  With a ``cache`` (this layer's ``{"k", "v"}``, each (B, T, H, D)) and ``cache_index`` (B,),
+  self-attention goes through :meth:`Attention.cached` and the layer returns
+  ``(x, updated cache)`` (scanned or not).
   """
 
   config: ModelConfig
@@ -325,15 +400,22 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array], rope: Optional[RopeTables],
-               deterministic: Optional[bool] = None) -> Any:
+               deterministic: Optional[bool] = None, cache: Optional[KVCache] = None,
+               cache_index: Optional[Array] = None) -> Any:
     cfg = self.config
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     dtype, param_dtype = cfg.compute_dtype(), cfg.parameter_dtype()
     x = x.astype(jnp.float32)
 
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="self_attn_layer_norm")(x)
-    h = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
-                  name="self_attn")(h, mask=mask, rope=rope)
+    attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
+                     name="self_attn")
+    if cache is None:
+      h = attn(h, mask=mask, rope=rope)
+    else:
+      if cache_index is None:
+        raise ValueError("DecoderLayer: cache_index is required with a cache")
+      h, cache = attn.cached(h, cache, cache_index, mask=mask, rope=rope)
     h = nn.Dropout(cfg.dropout, name="attn_dropout")(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x + h.astype(jnp.float32), BLE)
 
@@ -341,6 +423,8 @@ class DecoderLayer(nn.Module):
     h = SwiGLUFFN(cfg.model_dim, cfg.swiglu_inner_dim, dtype, param_dtype, name="ffn")(h)
     h = nn.Dropout(cfg.dropout, name="ffn_dropout")(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x + h.astype(jnp.float32), BLE)
+    if cache is not None:
+      return x, cache
     return (x, None) if self.scan_output else x
 
 
@@ -366,17 +450,32 @@ class TransformerStack(nn.Module):
   ``scan_layers=True``: one ``nn.scan`` module ``layers`` whose params are stacked on a leading
   axis (logical name ``layers``). ``False``: modules ``layers_0`` ... ``layers_{N-1}``.
   The mask and the RoPE tables are built once here and shared by every layer.
+
+  Incremental decoding: pass ``cache`` (from :func:`init_cache`) and ``cache_index``; see
+  :meth:`__call__`. The parameters are the same with or without a cache.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, segment_ids: Array, positions: Array, *,
-               deterministic: bool = True, mask: Optional[Array] = None) -> Array:
+  def __call__(self, x: Array, segment_ids: Optional[Array], positions: Array, *,
+               deterministic: bool = True, mask: Optional[Array] = None,
+               cache: Optional[KVCache] = None, cache_index: Optional[Array] = None) -> Any:
     """x (B, L, model_dim); segment_ids/positions (B, L) int (0 = padding; positions restart at
     0 per document). ``mask`` overrides the default :func:`causal_segment_mask`.
-    Returns (B, L, model_dim) in the compute dtype."""
+    Returns (B, L, model_dim) in the compute dtype.
+
+    With ``cache`` (``{"k", "v"}``, each (num_layers, B, T, H, D)) and ``cache_index`` (B,) int:
+    ``x`` holds the ``L`` NEW tokens of each row (one document per row), written to slots
+    ``cache_index[b] + i``; ``positions`` are their document positions (RoPE); ``segment_ids`` is
+    unused (may be None). Queries attend to the slots ``<= cache_index[b] + i`` (the default
+    ``mask``, :func:`cache_mask`; an override must be (B or 1, 1, L, T)). Writes past slot T-1
+    are dropped, so T must cover every position. Remat is not applied (inference only).
+    Returns ``(out (B, L, model_dim), updated cache)``.
+    """
     cfg = self.config
+    if cache is not None:
+      return self._cached(x, positions, deterministic, mask, cache, cache_index)
     if mask is None:
       mask = causal_segment_mask(segment_ids)
     mask = nn.with_logical_constraint(mask, ("activation_batch", None, None, None))
@@ -401,3 +500,43 @@ class TransformerStack(nn.Module):
 
     return RMSNorm(cfg.norm_eps, cfg.compute_dtype(), cfg.parameter_dtype(),
                    name="layer_norm")(x)
+
+  def _cached(self, x: Array, positions: Array, deterministic: bool, mask: Optional[Array],
+              cache: KVCache, cache_index: Optional[Array]) -> tuple[Array, KVCache]:
+    """The KV-cache path of :meth:`__call__` (same submodule names, so the same params)."""
+    cfg = self.config
+    if cache_index is None:
+      raise ValueError("TransformerStack: cache_index (B,) is required with a cache")
+    expected = (cfg.num_layers, x.shape[0])
+    if cache["k"].shape[:2] != expected or cache["v"].shape != cache["k"].shape:
+      raise ValueError(f"TransformerStack: cache k/v shapes {cache['k'].shape}/"
+                       f"{cache['v'].shape} do not start with (num_layers, batch) = {expected}")
+    if mask is None:
+      mask = cache_mask(cache_index, x.shape[1], cache["k"].shape[2])
+    mask = nn.with_logical_constraint(mask, ("activation_batch", None, None, None))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x = nn.with_logical_constraint(x.astype(jnp.float32), BLE)
+    cache_index = cache_index.astype(jnp.int32)
+
+    if cfg.scan_layers:
+      stack = nn.scan(
+          DecoderLayer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, cache = stack(cfg, deterministic=deterministic, scan_output=True, name="layers")(
+          x, mask, rope, None, cache, cache_index)
+    else:
+      ks, vs = [], []
+      for i in range(cfg.num_layers):
+        x, layer_cache = DecoderLayer(cfg, deterministic=deterministic, name=f"layers_{i}")(
+            x, mask, rope, None, {"k": cache["k"][i], "v": cache["v"][i]}, cache_index)
+        ks.append(layer_cache["k"])
+        vs.append(layer_cache["v"])
+      cache = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+
+    out = RMSNorm(cfg.norm_eps, cfg.compute_dtype(), cfg.parameter_dtype(), name="layer_norm")(x)
+    return out, cache

@@ -22,7 +22,11 @@ def build(cfg: ModelConfig) -> nn.Module:
   if cfg.family == "base_lcm":
     from lcm_jax.models.base_lcm import BaseLCM  # pylint: disable=g-import-not-at-top
     return BaseLCM(config=cfg)
-  raise ValueError(f"config.model.family: unknown model family {cfg.family!r} (expected 'base_lcm')")
+  if cfg.family == "two_tower_diffusion_lcm":
+    from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
+    return TwoTowerLCM(config=cfg)
+  raise ValueError(f"config.model.family: unknown model family {cfg.family!r} (expected "
+                   "'base_lcm' or 'two_tower_diffusion_lcm')")
 
 
 def _base_lcm_loss(model: nn.Module, variables: dict[str, Any], batch: Batch, *, rng: jax.Array | None,
@@ -38,7 +42,17 @@ def _base_lcm_loss(model: nn.Module, variables: dict[str, Any], batch: Batch, *,
   return loss_sum, count, {"prev_concept_loss": prev}
 
 
-LOSSES: dict[str, Callable[..., Any]] = {"base_lcm": _base_lcm_loss}
+def _two_tower_loss(model: nn.Module, variables: dict[str, Any], batch: Batch, *,
+                    rng: jax.Array | None,
+                    deterministic: bool) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Diffusion x0-prediction loss (see :func:`lcm_jax.models.two_tower.diffusion_loss`): t, eps and
+  conditioning dropout are drawn from ``rng`` even when ``deterministic`` (no model dropout)."""
+  from lcm_jax.models.two_tower import diffusion_loss  # pylint: disable=g-import-not-at-top
+  return diffusion_loss(model, variables, batch, rng=rng, deterministic=deterministic)
+
+
+LOSSES: dict[str, Callable[..., Any]] = {"base_lcm": _base_lcm_loss,
+                                         "two_tower_diffusion_lcm": _two_tower_loss}
 
 
 def loss_fn(cfg: ModelConfig):

@@ -9,6 +9,8 @@ position embedding) -> ``postnet.fc``. Variables::
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,8 +80,9 @@ class BaseLCM(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, embeddings: Array, segment_ids: Array, positions: Array, *,
-               deterministic: bool = True) -> tuple[Array, Array]:
+  def __call__(self, embeddings: Array, segment_ids: Optional[Array], positions: Array, *,
+               deterministic: bool = True, cache: Optional[layers.KVCache] = None,
+               cache_index: Optional[Array] = None) -> Any:
     """Predicts the next concept at every position.
 
     Args:
@@ -87,17 +90,27 @@ class BaseLCM(nn.Module):
       segment_ids: (B, L) int, document id within the row, 0 = padding.
       positions: (B, L) int, concept index within its document (restarts at 0).
       deterministic: False enables dropout (needs the ``dropout`` rng).
+      cache: optional KV cache of the ``lcm`` stack (:func:`lcm_jax.layers.init_cache`) for
+        incremental decoding: ``embeddings`` are then the NEW concepts of each row (one document
+        per row) written at slots ``cache_index`` (B,); ``segment_ids`` is unused. See
+        :class:`lcm_jax.layers.TransformerStack`.
+      cache_index: (B,) int, the first cache slot of each row's new concepts.
 
     Returns:
       ``(predictions, normalized_inputs)``, both (B, L, sonar) float32 in NORMALIZED space;
-      ``predictions[:, i]`` is the prediction for concept ``i + 1``.
+      ``predictions[:, i]`` is the prediction for concept ``i + 1``. With a cache:
+      ``(predictions, normalized_inputs, updated_cache)``.
     """
     cfg = self.config
     hidden, normalized = Frontend(cfg, name="frontend")(embeddings)
     hidden = nn.with_logical_constraint(hidden, layers.BLE)
-    hidden = layers.TransformerStack(cfg, name="lcm")(
-        hidden, segment_ids, positions, deterministic=deterministic)
+    out = layers.TransformerStack(cfg, name="lcm")(
+        hidden, segment_ids, positions, deterministic=deterministic, cache=cache,
+        cache_index=cache_index)
+    hidden, cache = out if cache is not None else (out, None)
     predictions = PostNet(cfg, name="postnet")(hidden).astype(jnp.float32)
+    if cache is not None:
+      return predictions, normalized, cache
     return predictions, normalized
 
 

@@ -8,9 +8,9 @@ The Flax names already mirror the reference, so the mapping is mechanical:
     stacked on axis 0) is split into ``layers.0`` ... ``layers.{N-1}``;
   * the ``buffers`` collection (the frozen normalizer) maps the same way.
 
-The generic :func:`flax_to_reference` / :func:`reference_to_flax` serve every family; the Base-LCM
+The generic :func:`flax_to_reference` / :func:`reference_to_flax` serve every family; the
 wrappers :func:`to_reference` / :func:`from_reference` also check the keys and shapes against
-:func:`reference_shapes`.
+:func:`reference_shapes` of the config's family (``base_lcm`` or ``two_tower_diffusion_lcm``).
 """
 
 from __future__ import annotations
@@ -27,39 +27,87 @@ _UNSCANNED_LAYER = re.compile(r"^layers_(\d+)$")
 _BUFFER_MODULES = ("sonar_normalizer",)  # reference modules whose tensors are Flax 'buffers'
 
 
-def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Every Base-LCM reference state-dict key and its torch shape (Linear weights are (out, in)).
-
-  Includes the two frozen normalizer buffers ``frontend.sonar_normalizer.{center,scale}``.
-  """
-  if cfg.family != "base_lcm":
-    raise NotImplementedError(f"reference_shapes: family {cfg.family!r} (only 'base_lcm' here)")
-  d, s, f = cfg.model_dim, cfg.sonar_embed_dim, cfg.swiglu_inner_dim
-  inner = cfg.num_heads * cfg.head_dim
-  shapes: dict[str, tuple[int, ...]] = {
-      "frontend.pre_linear.weight": (d, s),
-      "frontend.pre_linear.bias": (d,),
-      "frontend.sonar_normalizer.center": (s,),
-      "frontend.sonar_normalizer.scale": (s,),
-  }
-  for i in range(cfg.num_layers):
-    p = f"lcm.layers.{i}."
-    shapes[p + "self_attn_layer_norm.weight"] = (d,)
-    for name in ("q_proj", "k_proj", "v_proj"):
-      shapes[p + f"self_attn.{name}.weight"] = (inner, d)
-      shapes[p + f"self_attn.{name}.bias"] = (inner,)
-    shapes[p + "self_attn.output_proj.weight"] = (d, inner)
-    shapes[p + "self_attn.output_proj.bias"] = (d,)
-    shapes[p + "ffn_layer_norm.weight"] = (d,)
-    for name in ("gate_proj", "inner_proj"):
-      shapes[p + f"ffn.{name}.weight"] = (f, d)
-      shapes[p + f"ffn.{name}.bias"] = (f,)
-    shapes[p + "ffn.output_proj.weight"] = (d, f)
-    shapes[p + "ffn.output_proj.bias"] = (d,)
-  shapes["lcm.layer_norm.weight"] = (d,)
-  shapes["postnet.fc.weight"] = (s, d)
-  shapes["postnet.fc.bias"] = (s,)
+def _decoder_layer_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+  """One shared pre-norm layer (LCM_SPEC section 3) under ``prefix`` (ending with ``.``)."""
+  d = cfg.model_dim
+  shapes = {prefix + "self_attn_layer_norm.weight": (d,)}
+  shapes.update(_attention_shapes(cfg, prefix + "self_attn."))
+  shapes[prefix + "ffn_layer_norm.weight"] = (d,)
+  shapes.update(_ffn_shapes(cfg, prefix + "ffn."))
   return shapes
+
+
+def _attention_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+  d, inner = cfg.model_dim, cfg.num_heads * cfg.head_dim
+  shapes: dict[str, tuple[int, ...]] = {}
+  for name in ("q_proj", "k_proj", "v_proj"):
+    shapes[prefix + f"{name}.weight"] = (inner, d)
+    shapes[prefix + f"{name}.bias"] = (inner,)
+  shapes[prefix + "output_proj.weight"] = (d, inner)
+  shapes[prefix + "output_proj.bias"] = (d,)
+  return shapes
+
+
+def _ffn_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+  d, f = cfg.model_dim, cfg.swiglu_inner_dim
+  shapes: dict[str, tuple[int, ...]] = {}
+  for name in ("gate_proj", "inner_proj"):
+    shapes[prefix + f"{name}.weight"] = (f, d)
+    shapes[prefix + f"{name}.bias"] = (f,)
+  shapes[prefix + "output_proj.weight"] = (d, f)
+  shapes[prefix + "output_proj.bias"] = (d,)
+  return shapes
+
+
+def _linear_shapes(prefix: str, out_dim: int, in_dim: int) -> dict[str, tuple[int, ...]]:
+  return {prefix + "weight": (out_dim, in_dim), prefix + "bias": (out_dim,)}
+
+
+def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every reference state-dict key of ``cfg.family`` and its torch shape (Linear weights are
+  (out, in)), including the two frozen normalizer buffers.
+
+  * ``base_lcm``: ``frontend.{pre_linear, sonar_normalizer}``, ``lcm.layers.N``,
+    ``lcm.layer_norm``, ``postnet.fc``.
+  * ``two_tower_diffusion_lcm``: ``sonar_normalizer``, ``encoder_frontend.pre_linear``,
+    ``context_encoder.layers.N`` (``num_layers``), ``context_encoder.layer_norm``,
+    ``denoiser.{embed_time.fc1 (d, timestep_embed_dim), embed_time.fc2, initial_proj.fc,
+    final_proj.fc, layer_norm}`` and ``denoiser.layers.N`` (``denoiser_num_layers``) with
+    ``{self_attn, cross_attention, ffn}``, their three norms and ``modulator.fc`` (9d, d).
+  """
+  d, s = cfg.model_dim, cfg.sonar_embed_dim
+  shapes: dict[str, tuple[int, ...]] = {}
+  if cfg.family == "base_lcm":
+    shapes.update(_linear_shapes("frontend.pre_linear.", d, s))
+    shapes["frontend.sonar_normalizer.center"] = (s,)
+    shapes["frontend.sonar_normalizer.scale"] = (s,)
+    for i in range(cfg.num_layers):
+      shapes.update(_decoder_layer_shapes(cfg, f"lcm.layers.{i}."))
+    shapes["lcm.layer_norm.weight"] = (d,)
+    shapes.update(_linear_shapes("postnet.fc.", s, d))
+    return shapes
+  if cfg.family == "two_tower_diffusion_lcm":
+    shapes["sonar_normalizer.center"] = (s,)
+    shapes["sonar_normalizer.scale"] = (s,)
+    shapes.update(_linear_shapes("encoder_frontend.pre_linear.", d, s))
+    for i in range(cfg.num_layers):
+      shapes.update(_decoder_layer_shapes(cfg, f"context_encoder.layers.{i}."))
+    shapes["context_encoder.layer_norm.weight"] = (d,)
+    shapes.update(_linear_shapes("denoiser.embed_time.fc1.", d, cfg.timestep_embed_dim))
+    shapes.update(_linear_shapes("denoiser.embed_time.fc2.", d, d))
+    shapes.update(_linear_shapes("denoiser.initial_proj.fc.", d, s))
+    for i in range(cfg.denoiser_num_layers):
+      p = f"denoiser.layers.{i}."
+      for norm in ("self_attn_layer_norm", "cross_attention_layer_norm", "ffn_layer_norm"):
+        shapes[p + norm + ".weight"] = (d,)
+      shapes.update(_attention_shapes(cfg, p + "self_attn."))
+      shapes.update(_attention_shapes(cfg, p + "cross_attention."))
+      shapes.update(_ffn_shapes(cfg, p + "ffn."))
+      shapes.update(_linear_shapes(p + "modulator.fc.", 9 * d, d))
+    shapes["denoiser.layer_norm.weight"] = (d,)
+    shapes.update(_linear_shapes("denoiser.final_proj.fc.", s, d))
+    return shapes
+  raise NotImplementedError(f"reference_shapes: unknown family {cfg.family!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +200,7 @@ def reference_to_flax(state_dict: Mapping[str, Any],
 
 
 # ----------------------------------------------------------------------------------------------
-# Base-LCM wrappers (checked against the spec's key list)
+# Checked wrappers (the spec's key list of the config's family)
 
 def _check_shapes(state: Mapping[str, Any], cfg: ModelConfig, where: str) -> None:
   expected = reference_shapes(cfg)
@@ -168,8 +216,9 @@ def _check_shapes(state: Mapping[str, Any], cfg: ModelConfig, where: str) -> Non
 
 
 def to_reference(params: Any, buffers: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Base-LCM Flax ``params`` and ``buffers`` (scanned or unscanned) -> reference state dict of
-  NumPy arrays (Linear weights (out, in)). Raises if keys or shapes differ from the spec."""
+  """Flax ``params`` and ``buffers`` (scanned or unscanned) of a ``cfg.family`` model -> reference
+  state dict of NumPy arrays (Linear weights (out, in)). Raises if keys or shapes differ from the
+  spec."""
   state = flax_to_reference(params, buffers)
   _check_shapes(state, cfg, "to_reference")
   return state

@@ -1,0 +1,821 @@
+r"""Concept generation with a KV cache (LCM_SPEC section 6): Base-LCM and Two-Tower, plus the CLI.
+
+  python -m lcm_jax.generate --workdir=W --prompts=prompts.npz --out=generated.npz \
+      [--step=S] [--config=FILE[:VARIANT]] [--max_len=64 --min_len=1] \
+      [--eot_vector=data/synthetic/process.npz --eot_threshold=0.9] [--repetition_threshold=0.9] \
+      [--temperature=0]                                    # Base-LCM latent noise
+      [--num_steps=40 --guidance_scale=3 --guidance_rescale=0.7 --initial_noise_scale=0.6 \
+       --epsilon_scaling=1.00045 --eta=0 --timestep_spacing=trailing_reference]   # Two-Tower
+      [--seed=0 --batch_size=8]
+
+How a batch is generated (:class:`Generator`):
+  1. Prompts (raw SONAR space, (n_i, S) each, n_i >= 1) are right-padded to the longest; a KV
+     cache of ``longest + max_len`` slots is prefilled with them in one call (all rows from slot 0;
+     row ``b``'s concept ``j`` sits at slot ``j`` = its document position ``j``).
+  2. Concept ``k`` (k = 0, 1, ...) of row ``b`` is predicted at document position ``n_b + k``:
+       * Base-LCM: the post-net output at position ``n_b + k - 1`` (normalized space), plus
+         ``temperature * N(0, I)`` if ``temperature > 0`` (``sample_latent_variable``; off by
+         default), denormalized;
+       * Two-Tower: the DDIM sampler (:func:`lcm_jax.diffusion.sample`) over ONE query per row whose
+         cross-attention sees a per-row K/V buffer (denoiser_layers, B, slots + 1, H, D): the zero
+         slot at index 0 and the contextualizer output of position ``j`` at index ``j + 1``. The
+         conditional half sees slots ``<= n_b + k`` (zero slot + context positions < n_b + k),
+         the unconditional half the zero slot only; both run as one batch of 2B when guided.
+         The result (normalized x0) is denormalized.
+     Then the stopping rules run (below), the concept is written to the outputs of every row that
+     is still running, and it is fed back: one cached call at slot/position ``n_b + k`` (Two-Tower:
+     the contextualizer's cache, and the new context vector's cross K/V appended to the buffer).
+  3. The loop is ONE jitted ``jax.lax.while_loop`` (``loop="while"``, the default) that ends when
+     every row has stopped; ``loop="python"`` runs the same jitted step from a Python loop (one
+     host sync per concept). Both give identical outputs.
+
+Stopping, per row (rows that stopped are frozen: their outputs, length and reason no longer
+change while the other rows continue). For the k-th generated concept (1-based count ``k``):
+  * ``eot``: ``cosine(concept, eot_vector) >= eot_threshold`` (raw SONAR space; only when an
+    end-of-text vector is given). The concept that triggers it IS kept as the row's last output
+    (it is the model's "End of text." prediction; drop it downstream if unwanted);
+  * ``repetition``: ``cosine(concept, previous concept) >= repetition_threshold`` (raw space;
+    the previous concept is the last prompt concept for k = 1); off unless a threshold is given
+    (the paper uses 0.9). The repeated concept is kept too;
+  * neither can fire before ``k >= min_len``; EOT wins over repetition when both fire;
+  * ``max_len``: the row stops after ``max_len`` generated concepts.
+
+Prompt file formats (``--prompts``), all in raw SONAR space:
+  * ``.npz`` with one array per prompt under keys ``prompt_<id>`` (each (n, S)); ids are the
+    suffixes, in file order;
+  * ``.npz`` with ``embeddings`` (B, L, S) right-padded and ``lengths`` (B,) [+ ``ids`` (B,) str]
+    -- the layout of the output file, so outputs can be fed back as prompts;
+  * an lcm_jax dataset directory (``manifest.json`` + ArrayRecord shards, :mod:`lcm_jax.schema`)
+    or a single ``.array_record`` shard: one prompt per document, ids = document ids.
+
+Output file (``--out``, ``.npz``, written atomically: temporary name in the same directory, then
+rename): ``ids`` (B,) str, ``embeddings`` (B, max_len, S) float32 raw SONAR space, zero past each
+row's length, ``lengths`` (B,) int32 generated concepts, ``stop_reasons`` (B,) str in
+``eot | repetition | max_len``, ``prompt_lengths`` (B,) int32, ``step`` () int64 (checkpoint).
+
+User errors (bad flags, a prompt of the wrong dimension or with zero concepts, a workdir without
+checkpoints, bad sampler settings) print one ``error: ...`` line naming the file/field or flag and
+exit with status 2; no output file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import diffusion
+from lcm_jax import layers
+from lcm_jax import schema
+from lcm_jax.models.config import ModelConfig
+
+Array = jax.Array
+Variables = dict[str, Any]
+
+STOP_REASONS = ("running", "eot", "repetition", "max_len")
+"""Stop reason codes: index = code. ``running`` only appears for rows that were never active."""
+RUNNING, EOT, REPETITION, MAX_LEN = range(4)
+LOOPS = ("while", "python")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Stopping rules and Base-LCM sampling. Frozen (usable as a jit static argument)."""
+
+  max_len: int = 64
+  """Most concepts generated per prompt."""
+  min_len: int = 1
+  """No EOT/repetition stop before this many generated concepts (0 and 1 are the same)."""
+  eot_threshold: float = 0.9
+  """Stop when cosine(concept, end-of-text vector) >= this (needs an end-of-text vector)."""
+  repetition_threshold: Optional[float] = None
+  """Stop when cosine(concept, previous concept) >= this; None = off (the paper uses 0.9)."""
+  temperature: float = 0.0
+  """Base-LCM: add ``temperature * N(0, I)`` to each prediction in normalized space; 0 = off."""
+
+  def validate(self) -> None:
+    """Raises ``ValueError`` naming the field if a setting is out of range."""
+    for name in ("max_len", "min_len"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (name == "max_len"):
+        raise ValueError(f"GenerationConfig.{name}: expected an int >= {int(name == 'max_len')}, "
+                         f"got {v!r}")
+    if self.min_len > self.max_len:
+      raise ValueError(f"GenerationConfig.min_len: {self.min_len} > max_len {self.max_len}")
+    if not -1.0 <= float(self.eot_threshold) <= 1.0:
+      raise ValueError(f"GenerationConfig.eot_threshold: expected a cosine in [-1, 1], got "
+                       f"{self.eot_threshold!r}")
+    if self.repetition_threshold is not None and not -1.0 <= float(
+        self.repetition_threshold) <= 1.0:
+      raise ValueError(f"GenerationConfig.repetition_threshold: expected a cosine in [-1, 1] "
+                       f"or None, got {self.repetition_threshold!r}")
+    if not float(self.temperature) >= 0.0:
+      raise ValueError(f"GenerationConfig.temperature: expected >= 0, got {self.temperature!r}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated concepts of one batch (host NumPy arrays)."""
+
+  embeddings: np.ndarray
+  """(B, max_len, S) float32, raw SONAR space; zeros past ``lengths[b]``."""
+  lengths: np.ndarray
+  """(B,) int32 number of generated concepts."""
+  stop_reasons: np.ndarray
+  """(B,) int32 codes into :data:`STOP_REASONS`."""
+
+  def reason_names(self) -> np.ndarray:
+    """``stop_reasons`` as strings."""
+    return np.asarray([STOP_REASONS[int(r)] for r in self.stop_reasons])
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+def pad_prompts(prompts: Sequence[np.ndarray], dim: int,
+                length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads prompts (each (n_i, dim), n_i >= 1) -> (B, L, dim) float32 and lengths (B,) int32.
+
+  ``length`` (default: the longest prompt) must be >= every n_i.
+  """
+  if not prompts:
+    raise ValueError("pad_prompts: no prompts")
+  lengths = []
+  for i, p in enumerate(prompts):
+    shape = np.shape(p)
+    if len(shape) != 2 or shape[1] != dim:
+      raise ValueError(f"prompt {i}: shape {shape}, expected (n, {dim})")
+    if shape[0] < 1:
+      raise ValueError(f"prompt {i}: empty prompt (0 concepts)")
+    lengths.append(shape[0])
+  longest = max(lengths)
+  length = longest if length is None else length
+  if length < longest:
+    raise ValueError(f"pad_prompts: length {length} < longest prompt {longest}")
+  out = np.zeros((len(prompts), length, dim), np.float32)
+  for i, p in enumerate(prompts):
+    out[i, :lengths[i]] = np.asarray(p, np.float32)
+  return out, np.asarray(lengths, np.int32)
+
+
+def normalizer_buffers(buffers: Any) -> tuple[Array, Array]:
+  """The (center, scale) of the model's frozen SONAR normalizer, found by name in ``buffers``."""
+  found: dict[str, Any] = {}
+
+  def visit(path: Any, leaf: Any) -> None:
+    name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+    if name in ("center", "scale"):
+      if name in found:
+        raise ValueError(f"normalizer_buffers: more than one {name!r} buffer")
+      found[name] = leaf
+
+  jax.tree_util.tree_map_with_path(visit, buffers)
+  if set(found) != {"center", "scale"}:
+    raise ValueError(f"normalizer_buffers: no center/scale buffers (found {sorted(found)})")
+  return found["center"], found["scale"]
+
+
+def denormalize(variables: Variables, x: Array) -> Array:
+  """Normalized (..., S) -> raw SONAR space with the model's buffers, float32."""
+  center, scale = normalizer_buffers(variables["buffers"])
+  return x.astype(jnp.float32) * scale + center
+
+
+def cosine(a: Array, b: Array, eps: float = 1e-8) -> Array:
+  """Cosine similarity over the last axis, float32: ``a.b / max(|a| |b|, eps)``."""
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  num = jnp.sum(a * b, axis=-1)
+  den = jnp.sqrt(jnp.sum(a * a, axis=-1)) * jnp.sqrt(jnp.sum(b * b, axis=-1))
+  return num / jnp.maximum(den, eps)
+
+
+def latent_noise(rng: Array, shape: tuple[int, ...]) -> Array:
+  """The N(0, I) draw that Base-LCM adds (times ``temperature``) to a prediction."""
+  return jax.random.normal(rng, shape, jnp.float32)
+
+
+def step_rng(rng: Array, k: Array | int) -> Array:
+  """The key used for generated concept ``k`` (0-based): ``fold_in(rng, k)``."""
+  return jax.random.fold_in(rng, k)
+
+
+def two_tower_predict(model: Any, variables: Variables, cross_k: Array, cross_v: Array,
+                      query_pos: Array, rng: Array, sampler: diffusion.SamplerConfig,
+                      alpha_bar: np.ndarray) -> Array:
+  """Samples one concept per row with the Two-Tower denoiser; returns normalized x0 (B, S).
+
+  ``cross_k``/``cross_v`` are (denoiser_layers, B, Lk, H, D) with the zero slot at index 0 and the
+  context of document position ``j`` at index ``j + 1``; ``query_pos`` (B,) is the position of
+  the concept being generated: the conditional half sees slots ``<= query_pos`` (zero slot +
+  context positions ``< query_pos``), the unconditional half slot 0 only.
+  """
+  from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
+  batch, lk = cross_k.shape[1], cross_k.shape[2]
+  slots = jnp.arange(lk, dtype=jnp.int32)
+  cond = (slots[None, :] <= query_pos.astype(jnp.int32)[:, None])[:, None, None, :]
+  uncond = jnp.broadcast_to((slots == 0)[None, None, None, :], cond.shape)
+  if sampler.guidance_scale != 1.0:  # built once, outside the sampler's loop
+    k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (cross_k, cross_v))
+    mask2 = jnp.concatenate([cond, uncond], axis=0)
+
+  def denoise_fn(x_t: Array, t: Array, with_uncond: bool) -> Any:
+    if with_uncond:
+      x2 = jnp.concatenate([x_t, x_t], axis=0)
+      ts = jnp.full((2 * batch, 1), t, jnp.int32)
+      out = model.apply(variables, x2, ts, k2, v2, mask2, deterministic=True,
+                        method=TwoTowerLCM.denoise)
+      return out[:batch], out[batch:]
+    ts = jnp.full((batch, 1), t, jnp.int32)
+    return model.apply(variables, x_t, ts, cross_k, cross_v, cond, deterministic=True,
+                       method=TwoTowerLCM.denoise)
+
+  x0 = diffusion.sample(denoise_fn, rng, (batch, 1, model.config.sonar_embed_dim), alpha_bar,
+                        sampler)
+  return x0[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-family decoders: start (prefill + first concept) and advance (feed one concept + next one)
+
+class _BaseLCMDecoder:
+  """Base-LCM: the state is the ``lcm`` stack's KV cache."""
+
+  def __init__(self, model: Any, gen: GenerationConfig):
+    self.model = model
+    self.temperature = float(gen.temperature)
+
+  def _concept(self, variables: Variables, pred: Array, rng: Array) -> Array:
+    if self.temperature > 0:
+      pred = pred + self.temperature * latent_noise(rng, pred.shape)
+    return denormalize(variables, pred)
+
+  def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
+            rng: Array) -> tuple[Any, Array]:
+    cfg = self.model.config
+    batch, plen = prompts.shape[:2]
+    cache = layers.init_cache(cfg, batch, total)
+    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    preds, _, cache = self.model.apply(variables, prompts, None, positions, cache=cache,
+                                       cache_index=jnp.zeros((batch,), jnp.int32))
+    last = jnp.take_along_axis(preds, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return cache, self._concept(variables, last, rng)
+
+  def advance(self, variables: Variables, cache: Any, concept: Array, slot: Array,
+              rng: Array) -> tuple[Any, Array]:
+    preds, _, cache = self.model.apply(variables, concept[:, None], None, slot[:, None],
+                                       cache=cache, cache_index=slot)
+    return cache, self._concept(variables, preds[:, 0], rng)
+
+
+class _TwoTowerDecoder:
+  """Two-Tower: contextualizer KV cache + per-row cross-attention K/V buffer."""
+
+  def __init__(self, model: Any, sampler: diffusion.SamplerConfig):
+    self.model = model
+    self.sampler = sampler
+    self.alpha_bar = diffusion.alpha_bar_from_config(model.config)
+
+  def _concept(self, variables: Variables, state: dict[str, Any], query_pos: Array,
+               rng: Array) -> Array:
+    x0 = two_tower_predict(self.model, variables, state["cross_k"], state["cross_v"], query_pos,
+                           rng, self.sampler, self.alpha_bar)
+    return denormalize(variables, x0)
+
+  def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
+            rng: Array) -> tuple[Any, Array]:
+    from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
+    cfg = self.model.config
+    batch, plen = prompts.shape[:2]
+    cache = layers.init_cache(cfg, batch, total)
+    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    context, _, cache = self.model.apply(
+        variables, prompts, None, positions, cache=cache,
+        cache_index=jnp.zeros((batch,), jnp.int32), deterministic=True,
+        method=TwoTowerLCM.contextualize)
+    k, v = self.model.apply(variables, context, prepend_zero=True, method=TwoTowerLCM.cross_kv)
+    shape = (k.shape[0], batch, total + 1) + k.shape[3:]
+    state = {"cache": cache,
+             "cross_k": jnp.zeros(shape, k.dtype).at[:, :, :plen + 1].set(k),
+             "cross_v": jnp.zeros(shape, v.dtype).at[:, :, :plen + 1].set(v)}
+    return state, self._concept(variables, state, lengths, rng)
+
+  def advance(self, variables: Variables, state: dict[str, Any], concept: Array, slot: Array,
+              rng: Array) -> tuple[Any, Array]:
+    from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
+    context, _, cache = self.model.apply(
+        variables, concept[:, None], None, slot[:, None], cache=state["cache"], cache_index=slot,
+        deterministic=True, method=TwoTowerLCM.contextualize)
+    k, v = self.model.apply(variables, context, prepend_zero=False, method=TwoTowerLCM.cross_kv)
+    write = jax.vmap(layers.update_cache, in_axes=(0, 0, None))
+    state = {"cache": cache, "cross_k": write(state["cross_k"], k, slot + 1),
+             "cross_v": write(state["cross_v"], v, slot + 1)}
+    return state, self._concept(variables, state, slot + 1, rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator
+
+class Generator:
+  """Jitted batched generation for one model and one set of settings (compiled once per shape).
+
+  Args:
+    model: a ``BaseLCM`` or ``TwoTowerLCM`` module (``model.config.family`` picks the path).
+    config: stopping rules (and Base-LCM temperature), validated here.
+    sampler: Two-Tower DDIM settings (default :class:`~lcm_jax.diffusion.SamplerConfig`),
+      validated against ``num_diffusion_train_steps``; ignored for Base-LCM.
+    eot_vector: optional (S,) raw-space end-of-text vector; None turns the EOT stop off.
+    loop: ``while`` (one ``lax.while_loop`` in one jit) or ``python`` (a jitted step per concept).
+  """
+
+  def __init__(self, model: Any, config: GenerationConfig = GenerationConfig(), *,
+               sampler: Optional[diffusion.SamplerConfig] = None,
+               eot_vector: Optional[np.ndarray] = None, loop: str = "while"):
+    cfg: ModelConfig = model.config
+    config.validate()
+    if loop not in LOOPS:
+      raise ValueError(f"Generator: loop {loop!r} not in {LOOPS}")
+    self.model, self.config, self.loop = model, config, loop
+    if cfg.family == "base_lcm":
+      self._decoder: Any = _BaseLCMDecoder(model, config)
+    elif cfg.family == "two_tower_diffusion_lcm":
+      sampler = sampler or diffusion.SamplerConfig()
+      sampler.validate(cfg.num_diffusion_train_steps)
+      self._decoder = _TwoTowerDecoder(model, sampler)
+    else:
+      raise ValueError(f"Generator: unknown model family {cfg.family!r}")
+    self.has_eot = eot_vector is not None
+    dim = cfg.sonar_embed_dim
+    if eot_vector is None:
+      eot = np.zeros((dim,), np.float32)
+    else:
+      eot = np.asarray(eot_vector, np.float32)
+      if eot.shape != (dim,):
+        raise ValueError(f"eot_vector: shape {eot.shape}, expected ({dim},)")
+      if not np.all(np.isfinite(eot)) or not np.any(eot):
+        raise ValueError("eot_vector: must be finite and non-zero")
+    self.eot = jnp.asarray(eot)
+    self._start = jax.jit(self._start_impl)
+    self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+    self._run = jax.jit(self._run_impl)
+
+  # -- pieces (traced) --------------------------------------------------------------------------
+  def _emit(self, carry: dict[str, Any], concept: Array) -> dict[str, Any]:
+    """Stopping rules for concept number ``carry["k"] + 1``; updates outputs of running rows."""
+    gen = self.config
+    k = carry["k"]
+    count = k + 1
+    active = ~carry["done"]
+    may_stop = count >= gen.min_len
+    eot_hit = jnp.zeros_like(active)
+    if self.has_eot:
+      eot_hit = cosine(concept, self.eot[None]) >= gen.eot_threshold
+    rep_hit = jnp.zeros_like(active)
+    if gen.repetition_threshold is not None:
+      rep_hit = cosine(concept, carry["last"]) >= gen.repetition_threshold
+    reason = jnp.where(may_stop & eot_hit, EOT,
+                       jnp.where(may_stop & rep_hit, REPETITION,
+                                 jnp.where(count >= gen.max_len, MAX_LEN, RUNNING)))
+    outputs = carry["outputs"].at[:, k].set(
+        jnp.where(active[:, None], concept, carry["outputs"][:, k]))
+    return dict(carry,
+                outputs=outputs,
+                lengths=jnp.where(active, count, carry["lengths"]).astype(jnp.int32),
+                reasons=jnp.where(active, reason, carry["reasons"]).astype(jnp.int32),
+                done=carry["done"] | (active & (reason != RUNNING)),
+                last=jnp.where(active[:, None], concept, carry["last"]))
+
+  def _start_impl(self, variables: Variables, prompts: Array, lengths: Array, valid: Array,
+                  rng: Array) -> dict[str, Any]:
+    batch, plen, dim = prompts.shape
+    total = plen + self.config.max_len
+    lengths = lengths.astype(jnp.int32)
+    state, concept = self._decoder.start(variables, prompts.astype(jnp.float32), lengths, total,
+                                         step_rng(rng, 0))
+    last_prompt = jnp.take_along_axis(prompts, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    carry = {"state": state, "k": jnp.zeros((), jnp.int32),
+             "outputs": jnp.zeros((batch, self.config.max_len, dim), jnp.float32),
+             "lengths": jnp.zeros((batch,), jnp.int32),
+             "reasons": jnp.zeros((batch,), jnp.int32),
+             "done": ~valid.astype(bool), "last": last_prompt.astype(jnp.float32),
+             "prompt_lengths": lengths}
+    return self._emit(carry, concept)
+
+  def _step_impl(self, variables: Variables, carry: dict[str, Any], rng: Array) -> dict[str, Any]:
+    k = carry["k"] + 1
+    slot = carry["prompt_lengths"] + k - 1  # position of the concept fed back (number k - 1)
+    state, concept = self._decoder.advance(variables, carry["state"], carry["last"], slot,
+                                           step_rng(rng, k))
+    return self._emit(dict(carry, state=state, k=k), concept)
+
+  def _running(self, carry: dict[str, Any]) -> Array:
+    return (carry["k"] + 1 < self.config.max_len) & ~jnp.all(carry["done"])
+
+  def _run_impl(self, variables: Variables, prompts: Array, lengths: Array, valid: Array,
+                rng: Array) -> dict[str, Any]:
+    carry = self._start_impl(variables, prompts, lengths, valid, rng)
+    return jax.lax.while_loop(self._running, lambda c: self._step_impl(variables, c, rng), carry)
+
+  # -- public -----------------------------------------------------------------------------------
+  def __call__(self, variables: Variables, prompts: Any, lengths: Optional[Any] = None, *,
+               rng: Optional[Array] = None, valid: Optional[Any] = None) -> GenerationResult:
+    """Generates for one batch.
+
+    Args:
+      variables: ``{"params", "buffers"}`` of the model.
+      prompts: a list of (n_i, S) arrays, or a right-padded (B, L, S) array with ``lengths``.
+      lengths: (B,) prompt lengths (>= 1) when ``prompts`` is padded.
+      rng: PRNG key (Two-Tower noise, Base-LCM latent noise); default ``PRNGKey(0)``.
+      valid: optional (B,) bool; False rows (batch padding) are never generated for.
+    """
+    dim = self.model.config.sonar_embed_dim
+    if lengths is None:
+      prompts, lengths = pad_prompts(prompts, dim)
+    host_lengths = np.asarray(jax.device_get(lengths))
+    if (np.shape(prompts)[-1] != dim or host_lengths.shape != np.shape(prompts)[:1]
+        or not np.all((host_lengths >= 1) & (host_lengths <= np.shape(prompts)[1]))):
+      raise ValueError(f"Generator: prompts {np.shape(prompts)} / lengths {host_lengths} do not "
+                       f"describe (B, L, {dim}) prompts of 1..L concepts")
+    prompts = jnp.asarray(prompts, jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    valid = jnp.ones(lengths.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    if self.loop == "while":
+      carry = self._run(variables, prompts, lengths, valid, rng)
+    else:
+      carry = self._start(variables, prompts, lengths, valid, rng)
+      while bool(jax.device_get(self._running(carry))):
+        carry = self._step(variables, carry, rng)
+    out = jax.device_get({k: carry[k] for k in ("outputs", "lengths", "reasons")})
+    return GenerationResult(np.asarray(out["outputs"]), np.asarray(out["lengths"]),
+                            np.asarray(out["reasons"]))
+
+
+def generate(model: Any, variables: Variables, prompts: Sequence[np.ndarray],
+             config: GenerationConfig = GenerationConfig(), **kwargs: Any) -> GenerationResult:
+  """One-off :class:`Generator` call on a list of prompts (``kwargs``: sampler, eot_vector, loop,
+  rng). Reuse a :class:`Generator` to avoid recompiling across calls."""
+  rng = kwargs.pop("rng", None)
+  return Generator(model, config, **kwargs)(variables, prompts, rng=rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+def _check_prompt(path: str, field: str, emb: np.ndarray, dim: int) -> np.ndarray:
+  if emb.dtype == object or emb.ndim != 2 or emb.shape[-1] != dim:
+    raise ValueError(f"{path}: field '{field}': shape {emb.shape}, expected (n, {dim}) "
+                     f"(n concepts of the model's sonar_embed_dim {dim})")
+  if emb.shape[0] == 0:
+    raise ValueError(f"{path}: field '{field}': empty prompt (0 concepts)")
+  if not np.issubdtype(emb.dtype, np.floating):
+    raise ValueError(f"{path}: field '{field}': dtype {emb.dtype} is not a float type")
+  if not np.all(np.isfinite(emb)):
+    raise ValueError(f"{path}: field '{field}': non-finite values")
+  return emb.astype(np.float32)
+
+
+def load_prompts(path: str, dim: int) -> tuple[list[str], list[np.ndarray]]:
+  """Reads prompts (see the module docstring for the formats). Returns (ids, [(n_i, dim)])."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--prompts: {path} does not exist")
+  if os.path.isdir(path) or path.endswith(schema.SHARD_SUFFIX):
+    shards = schema.shard_paths(path) if os.path.isdir(path) else [path]
+    ids, prompts = [], []
+    for shard in shards:
+      for i, doc in enumerate(schema.read_shard(shard)):
+        prompts.append(_check_prompt(shard, f"record {i} ({doc.id}) 'embeddings'",
+                                     np.asarray(doc.embeddings), dim))
+        ids.append(doc.id)
+    if not prompts:
+      raise ValueError(f"{path}: no documents")
+    return ids, prompts
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path}: expected an .npz archive")
+  with data:
+    keys = list(data.keys())
+    prompt_keys = [k for k in keys if k.startswith("prompt_")]
+    if prompt_keys:
+      return ([k[len("prompt_"):] for k in prompt_keys],
+              [_check_prompt(path, k, _load_field(data, path, k), dim) for k in prompt_keys])
+    if "embeddings" not in keys or "lengths" not in keys:
+      raise ValueError(f"{path}: no prompts: expected 'prompt_<id>' arrays, or 'embeddings' "
+                       f"(B, L, S) with 'lengths' (B,); found fields {keys}")
+    emb = _load_field(data, path, "embeddings")
+    lengths = _load_field(data, path, "lengths")
+    if emb.ndim != 3 or emb.shape[-1] != dim:
+      raise ValueError(f"{path}: field 'embeddings': shape {emb.shape}, expected (B, L, {dim}) "
+                       f"(the model's sonar_embed_dim {dim})")
+    if lengths.shape != emb.shape[:1] or not np.issubdtype(lengths.dtype, np.integer):
+      raise ValueError(f"{path}: field 'lengths': shape {lengths.shape} dtype {lengths.dtype}, "
+                       f"expected ({emb.shape[0]},) integers")
+    if emb.shape[0] == 0:
+      raise ValueError(f"{path}: field 'embeddings': no prompts")
+    ids = ([str(x) for x in _load_field(data, path, "ids")] if "ids" in keys
+           else [str(i) for i in range(emb.shape[0])])
+    if len(ids) != emb.shape[0]:
+      raise ValueError(f"{path}: field 'ids': {len(ids)} ids for {emb.shape[0]} prompts")
+    prompts = []
+    for i, n in enumerate(lengths):
+      if not 0 <= n <= emb.shape[1]:
+        raise ValueError(f"{path}: field 'lengths[{i}]': {n} not in [0, {emb.shape[1]}]")
+      prompts.append(_check_prompt(path, f"embeddings[{i}][:{n}]", emb[i, :n], dim))
+    return ids, prompts
+
+
+def _load_field(data: Any, path: str, key: str) -> np.ndarray:
+  try:
+    return np.asarray(data[key])
+  except ValueError as e:  # object arrays need pickle, which we never enable
+    raise ValueError(f"{path}: field '{key}': cannot load without pickle ({e})") from None
+
+
+def load_eot_vector(path: str, dim: int) -> np.ndarray:
+  """An end-of-text vector (dim,): a ``.npy`` array, or an ``.npz`` with ``eot`` (e.g. a synthetic
+  corpus's ``process.npz``) or ``eot_vector``."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--eot_vector: {path} does not exist")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path}: cannot read as .npy/.npz ({type(e).__name__}: {e})") from None
+  field = "<array>"
+  if isinstance(data, np.lib.npyio.NpzFile):
+    with data:
+      field = next((k for k in ("eot", "eot_vector") if k in data), None)
+      if field is None:
+        raise ValueError(f"{path}: no field 'eot' or 'eot_vector' (found {list(data.keys())})")
+      data = np.asarray(data[field])
+  vec = np.asarray(data)
+  if vec.shape != (dim,):
+    raise ValueError(f"{path}: field '{field}': shape {vec.shape}, expected ({dim},) (the "
+                     f"model's sonar_embed_dim)")
+  if not np.all(np.isfinite(vec)) or not np.any(vec):
+    raise ValueError(f"{path}: field '{field}': must be finite and non-zero")
+  return vec.astype(np.float32)
+
+
+def save_outputs(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes an ``.npz`` atomically: a temporary file in the same directory, then rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", suffix=".npz",
+                             dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_step(workdir: str, step: Optional[int]) -> int:
+  """The checkpoint step to use in ``workdir`` (latest if ``step`` is None), checked to exist."""
+  from lcm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                 and os.path.isdir(os.path.join(directory, d))) if os.path.isdir(directory) else []
+  steps = [s for s in steps
+           if os.path.exists(os.path.join(directory, str(s), "_CHECKPOINT_METADATA"))]
+  if not steps:
+    raise CheckpointError(f"--workdir: {workdir} has no checkpoints ({directory} is missing or "
+                          "empty)")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"--step: {directory} has no checkpoint for step {step} (available: "
+                          f"{steps})")
+  return step
+
+
+def load_checkpoint_config(workdir: str, step: int) -> Any:
+  """The training config saved in the checkpoint's ``meta`` item (an ``ml_collections`` dict)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from lcm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                              item_handlers={"meta": ocp.JsonCheckpointHandler()})
+  try:
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{directory}/{step}/meta: cannot read the saved config "
+                          f"({type(e).__name__}: {str(e)[:200]}); pass --config") from None
+  finally:
+    mgr.close()
+  if not isinstance(meta, dict) or "config" not in meta:
+    raise CheckpointError(f"{directory}/{step}/meta: field 'config': missing; pass --config")
+  return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+def restore_weights(config: Any, workdir: str, step: int,
+                    devices: Optional[Sequence[Any]] = None) -> tuple[Any, Variables, Any]:
+  """Builds the model and restores ``params``/``buffers`` of ``step`` onto ``devices`` (default
+  the local devices) with the run's sharding rules. Returns ``(model, variables, mesh)``.
+
+  The mesh is ``config.mesh`` over these devices; if it does not fit them, parameters are
+  sharded over all of them on the ``fsdp`` axis.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lcm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from lcm_jax import models  # pylint: disable=g-import-not-at-top
+  from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
+  devices = list(devices if devices is not None else jax.local_devices())
+  model_cfg = ModelConfig.from_config(config.model)
+  try:
+    mesh = sharding.make_mesh(config.mesh, devices)
+  except sharding.MeshError:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}),
+                              devices)
+  model = models.build(model_cfg)
+
+  def init(rng: Array) -> Variables:
+    dummy = (jnp.zeros((1, 2, model_cfg.sonar_embed_dim), jnp.float32),
+             jnp.ones((1, 2), jnp.int32), jnp.arange(2, dtype=jnp.int32)[None])
+    v = model.init({"params": rng, "dropout": rng}, *dummy, deterministic=True)
+    return {"params": v["params"], "buffers": v.get("buffers", {})}
+
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), shardings)
+  ckpt = ckpt_lib.Checkpointer(workdir, create=False, async_save=False)
+  try:
+    variables = ckpt.restore_weights(step, abstract)
+  finally:
+    ckpt.close()
+  return model, variables, mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def _define_flags() -> Any:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  d = diffusion.SamplerConfig()
+  g = GenerationConfig()
+  f = flags
+  f.DEFINE_string("workdir", None, "Training workdir whose checkpoints/ to restore.")
+  f.DEFINE_string("prompts", None,
+                  "Prompts in raw SONAR space: an .npz with one (n, S) array per prompt under "
+                  "keys 'prompt_<id>'; or an .npz with 'embeddings' (B, L, S) right-padded, "
+                  "'lengths' (B,) and optional 'ids' (B,) (the --out layout); or an lcm_jax "
+                  "dataset directory / .array_record shard (one prompt per document).")
+  f.DEFINE_string("out", None,
+                  "Output .npz (written atomically): ids (B,), embeddings (B, max_len, S) raw "
+                  "SONAR space (zeros past each length), lengths (B,), stop_reasons (B,) in "
+                  "eot|repetition|max_len, prompt_lengths (B,), step.")
+  config_flags.DEFINE_config_file(
+      "config", None, "Optional config file[:variant]; default: the config saved in the "
+      "checkpoint's meta.", lock_config=False)
+  f.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  f.DEFINE_integer("max_len", g.max_len, "Most concepts generated per prompt.")
+  f.DEFINE_integer("min_len", g.min_len, "No EOT/repetition stop before this many concepts.")
+  f.DEFINE_float("eot_threshold", g.eot_threshold,
+                 "Stop when cosine(concept, end-of-text vector) >= this; the triggering "
+                 "concept is kept as the last output. Needs --eot_vector.")
+  f.DEFINE_string("eot_vector", None,
+                  "End-of-text vector (S,) in raw SONAR space: a .npy, or an .npz with 'eot' "
+                  "(e.g. a synthetic corpus's process.npz) or 'eot_vector'. Absent: no EOT stop.")
+  f.DEFINE_float("repetition_threshold", None,
+                 "Stop when cosine(concept, previous concept) >= this (paper: 0.9); off if unset.")
+  f.DEFINE_float("temperature", g.temperature,
+                 "Base-LCM: add temperature * N(0, I) in normalized space to each prediction.")
+  f.DEFINE_integer("num_steps", d.num_steps, "Two-Tower: DDIM inference steps.")
+  f.DEFINE_float("guidance_scale", d.guidance_scale, "Two-Tower: classifier-free guidance g.")
+  f.DEFINE_float("guidance_rescale", d.guidance_rescale, "Two-Tower: guidance rescale in [0, 1].")
+  f.DEFINE_float("initial_noise_scale", d.initial_noise_scale, "Two-Tower: initial noise std.")
+  f.DEFINE_float("epsilon_scaling", d.epsilon_scaling, "Two-Tower: epsilon is divided by this.")
+  f.DEFINE_float("eta", d.eta, "Two-Tower: DDIM eta (0 = deterministic).")
+  f.DEFINE_enum("timestep_spacing", d.timestep_spacing, list(diffusion.TIMESTEP_SPACINGS),
+                "Two-Tower: DDIM timestep spacing (trailing_reference = the reference's list).")
+  f.DEFINE_integer("seed", 0, "PRNG seed (Two-Tower noise, Base-LCM latent noise).")
+  f.DEFINE_integer("batch_size", 8, "Prompts per generation batch (padded to a multiple of the "
+                   "mesh's batch shards).")
+  f.DEFINE_enum("loop", "while", list(LOOPS), "while: one jitted lax.while_loop; python: a "
+                "jitted step per concept driven from Python.")
+  return f.FLAGS
+
+
+def run_cli(flag_values: Any) -> dict[str, Any]:
+  """Everything the CLI does after flag parsing; returns a summary. Raises user errors."""
+  from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
+  fv = flag_values
+  for name in ("workdir", "prompts", "out"):
+    if not fv[name].value:
+      raise ValueError(f"--{name} is required")
+  gen = GenerationConfig(max_len=fv.max_len, min_len=fv.min_len, eot_threshold=fv.eot_threshold,
+                         repetition_threshold=fv.repetition_threshold, temperature=fv.temperature)
+  try:
+    gen.validate()
+  except ValueError as e:
+    raise ValueError(f"bad generation flag: {e}") from None
+  if fv.batch_size < 1:
+    raise ValueError(f"--batch_size: expected >= 1, got {fv.batch_size}")
+  step = checkpoint_step(fv.workdir, fv.step)
+  config = fv.config if fv.config is not None else load_checkpoint_config(fv.workdir, step)
+  model_cfg = ModelConfig.from_config(config.model)
+  sampler = diffusion.SamplerConfig(
+      num_steps=fv.num_steps, guidance_scale=fv.guidance_scale,
+      guidance_rescale=fv.guidance_rescale, initial_noise_scale=fv.initial_noise_scale,
+      epsilon_scaling=fv.epsilon_scaling, eta=fv.eta, timestep_spacing=fv.timestep_spacing)
+  try:
+    sampler.validate(model_cfg.num_diffusion_train_steps)
+  except ValueError as e:
+    raise ValueError(f"bad sampler flag: {e}") from None
+  dim = model_cfg.sonar_embed_dim
+  ids, prompts = load_prompts(fv.prompts, dim)
+  eot = load_eot_vector(fv.eot_vector, dim) if fv.eot_vector else None
+
+  t0 = time.time()
+  model, variables, mesh = restore_weights(config, fv.workdir, step)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = -(-fv.batch_size // shards) * shards
+  generator = Generator(model, gen, sampler=sampler, eot_vector=eot, loop=fv.loop)
+  plen = max(p.shape[0] for p in prompts)
+  rng = jax.random.PRNGKey(fv.seed)
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+  results = []
+  with sharding.activate(mesh):
+    for b, start in enumerate(range(0, len(prompts), batch)):
+      chunk = prompts[start:start + batch]
+      valid = np.arange(batch) < len(chunk)
+      chunk = chunk + [np.zeros((1, dim), np.float32)] * (batch - len(chunk))
+      padded, lengths = pad_prompts(chunk, dim, plen)
+      res = generator(variables, put(padded), put(lengths), valid=put(valid),
+                      rng=jax.random.fold_in(rng, b))
+      n = int(valid.sum())
+      results.append(GenerationResult(res.embeddings[:n], res.lengths[:n], res.stop_reasons[:n]))
+  out = {
+      "ids": np.asarray(ids),
+      "embeddings": np.concatenate([r.embeddings for r in results]).astype(np.float32),
+      "lengths": np.concatenate([r.lengths for r in results]).astype(np.int32),
+      "stop_reasons": np.concatenate([r.reason_names() for r in results]),
+      "prompt_lengths": np.asarray([p.shape[0] for p in prompts], np.int32),
+      "step": np.asarray(step, np.int64),
+  }
+  save_outputs(fv.out, out)
+  reasons, counts = np.unique(out["stop_reasons"], return_counts=True)
+  return {"prompts": len(ids), "step": step, "seconds": time.time() - t0,
+          "stop_reasons": dict(zip(reasons.tolist(), counts.tolist())),
+          "mean_length": float(out["lengths"].mean())}
+
+
+def main(argv: Sequence[str]) -> int:
+  """absl entry point: user errors -> one ``error:`` line on stderr and exit status 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from lcm_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore step at INFO
+    logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  try:
+    summary = run_cli(flags.FLAGS)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"generated {summary['prompts']} prompts from step {summary['step']} in "
+        f"{summary['seconds']:.1f}s: mean length {summary['mean_length']:.2f}, stop reasons "
+        f"{summary['stop_reasons']} -> {flags.FLAGS.out}")
+  return 0
+
+
+def run() -> None:
+  """``python -m lcm_jax.generate``."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+
+  def _main(argv: Sequence[str]) -> None:
+    sys.exit(main(argv))
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  run()
