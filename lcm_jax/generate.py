@@ -211,6 +211,34 @@ def step_rng(rng: Array, k: Array | int) -> Array:
   return jax.random.fold_in(rng, k)
 
 
+def guided_denoise_fn(model: Any, variables: Variables, cross_k: Array, cross_v: Array,
+                      cond_mask: Array, uncond_mask: Array, guided: bool) -> Any:
+  """The ``denoise_fn`` that :func:`lcm_jax.diffusion.sample` calls, for a Two-Tower model.
+
+  ``cross_k``/``cross_v`` are (denoiser_layers, B, Lk, H, D); ``cond_mask``/``uncond_mask`` are
+  (B, 1, Lq, Lk) cross-attention masks of the conditional and unconditional (zero slot only)
+  halves; the noisy queries are (B, Lq, S). With ``guided`` both halves run as one batch of 2B.
+  """
+  from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
+  batch, q_len = cond_mask.shape[0], cond_mask.shape[2]
+  if guided:  # built once, outside the sampler's loop
+    k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (cross_k, cross_v))
+    mask2 = jnp.concatenate([cond_mask, uncond_mask], axis=0)
+
+  def denoise_fn(x_t: Array, t: Array, with_uncond: bool) -> Any:
+    if with_uncond:
+      x2 = jnp.concatenate([x_t, x_t], axis=0)
+      ts = jnp.full((2 * batch, q_len), t, jnp.int32)
+      out = model.apply(variables, x2, ts, k2, v2, mask2, deterministic=True,
+                        method=TwoTowerLCM.denoise)
+      return out[:batch], out[batch:]
+    ts = jnp.full((batch, q_len), t, jnp.int32)
+    return model.apply(variables, x_t, ts, cross_k, cross_v, cond_mask, deterministic=True,
+                       method=TwoTowerLCM.denoise)
+
+  return denoise_fn
+
+
 def two_tower_predict(model: Any, variables: Variables, cross_k: Array, cross_v: Array,
                       query_pos: Array, rng: Array, sampler: diffusion.SamplerConfig,
                       alpha_bar: np.ndarray) -> Array:
@@ -221,26 +249,12 @@ def two_tower_predict(model: Any, variables: Variables, cross_k: Array, cross_v:
   the concept being generated: the conditional half sees slots ``<= query_pos`` (zero slot +
   context positions ``< query_pos``), the unconditional half slot 0 only.
   """
-  from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
   batch, lk = cross_k.shape[1], cross_k.shape[2]
   slots = jnp.arange(lk, dtype=jnp.int32)
   cond = (slots[None, :] <= query_pos.astype(jnp.int32)[:, None])[:, None, None, :]
   uncond = jnp.broadcast_to((slots == 0)[None, None, None, :], cond.shape)
-  if sampler.guidance_scale != 1.0:  # built once, outside the sampler's loop
-    k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (cross_k, cross_v))
-    mask2 = jnp.concatenate([cond, uncond], axis=0)
-
-  def denoise_fn(x_t: Array, t: Array, with_uncond: bool) -> Any:
-    if with_uncond:
-      x2 = jnp.concatenate([x_t, x_t], axis=0)
-      ts = jnp.full((2 * batch, 1), t, jnp.int32)
-      out = model.apply(variables, x2, ts, k2, v2, mask2, deterministic=True,
-                        method=TwoTowerLCM.denoise)
-      return out[:batch], out[batch:]
-    ts = jnp.full((batch, 1), t, jnp.int32)
-    return model.apply(variables, x_t, ts, cross_k, cross_v, cond, deterministic=True,
-                       method=TwoTowerLCM.denoise)
-
+  denoise_fn = guided_denoise_fn(model, variables, cross_k, cross_v, cond, uncond,
+                                 sampler.guidance_scale != 1.0)
   x0 = diffusion.sample(denoise_fn, rng, (batch, 1, model.config.sonar_embed_dim), alpha_bar,
                         sampler)
   return x0[:, 0]
