@@ -97,3 +97,51 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.init_from = ""           # fine-tuning: start from WORKDIR[@STEP]'s params and buffers
   c.train.log_batch_fingerprints = False  # for determinism tests: hash of every batch in metrics
   return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``tiny`` CPU variant shared by every recipe (modifies and returns ``c``).
+
+  d 64, 2 layers, 4 heads, ffn_inner_dim 256, SONAR dim 32, no dropout; 16 rows x 128 concepts of
+  the synthetic corpus (created on first use) on a data-parallel mesh; 600 steps, lr 3e-3. A
+  Two-Tower caller sets its denoiser depth itself.
+  """
+  c.model.model_dim = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.ffn_inner_dim = 256
+  c.model.sonar_embed_dim = 32
+  c.model.dropout = 0.0
+  c.data.train = "data/synthetic"
+  c.data.generate_synthetic_if_missing = True
+  c.data.seq_len = 128
+  c.data.global_batch_size = 16
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.decay_steps = 600
+  c.optimizer.final_lr = 1e-4
+  c.optimizer.weight_decay = 0.01
+  c.train.num_steps = 600
+  c.train.log_every = 50
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 200
+  return c
+
+
+def apply_bench(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``bench`` variant (benchmarks/train_step.py) shared by every recipe (modifies and returns
+  ``c``): d 1024, 16 heads, ffn_inner_dim 4096 (SwiGLU 2816), no dropout, 16 rows x 128 concepts on
+  a data-parallel mesh. The depth (``num_layers``, ``denoiser_num_layers``) is the caller's.
+  """
+  c.model.model_dim = 1024
+  c.model.num_heads = 16
+  c.model.ffn_inner_dim = 4096   # SwiGLU 2816
+  c.model.dropout = 0.0
+  c.data.seq_len = 128
+  c.data.global_batch_size = 16
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  return c

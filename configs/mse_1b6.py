@@ -27,38 +27,10 @@ def get_config(variant: str = ""):
   c.mesh.fsdp = -1
 
   if variant == "tiny":
-    c.model.model_dim = 64
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.ffn_inner_dim = 256
-    c.model.sonar_embed_dim = 32
-    c.model.dropout = 0.0
-    c.data.train = "data/synthetic"
-    c.data.generate_synthetic_if_missing = True
-    c.data.seq_len = 128
-    c.data.global_batch_size = 16
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.optimizer.lr = 3e-3
-    c.optimizer.warmup_steps = 50
-    c.optimizer.decay_steps = 600
-    c.optimizer.final_lr = 1e-4
-    c.optimizer.weight_decay = 0.01
-    c.train.num_steps = 600
-    c.train.log_every = 50
-    c.train.eval_every = 200
-    c.train.eval_batches = 8
-    c.train.checkpoint_every = 200
+    base.apply_tiny(c)
   elif variant == "bench":
-    c.model.model_dim = 1024
+    base.apply_bench(c)
     c.model.num_layers = 8
-    c.model.num_heads = 16
-    c.model.ffn_inner_dim = 4096   # SwiGLU 2816
-    c.model.dropout = 0.0
-    c.data.seq_len = 128
-    c.data.global_batch_size = 16
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
   elif variant == "sft":
     apply_sft_recipe(c)
   elif variant:

@@ -144,24 +144,14 @@ class Process:
     return float((p * np.linalg.norm(self.prototypes[idx] - mean, axis=1)).sum())
 
   def save(self, path: str) -> str:
-    """Writes ``process.npz`` atomically."""
+    """Writes ``process.npz`` atomically (``lcm_jax.normalizer.write_npz_atomic``)."""
     arrays = dict(
         format_version=np.int64(PROCESS_FORMAT_VERSION), prototypes=self.prototypes,
         eot=self.eot, successors=self.successors, successor_probs=self.successor_probs,
         num_successors=self.num_successors.astype(np.int32), start_probs=self.start_probs,
         noise_std=np.float64(self.noise_std), proto_norm=np.float64(self.proto_norm),
         seed=np.int64(self.seed))
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    return path
+    return normalizer_lib.write_npz_atomic(path, arrays)
 
 
 def load_process(data_dir: str) -> Process:

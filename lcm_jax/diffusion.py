@@ -385,21 +385,30 @@ def guided_eps(eps_cond: Array, eps_uncond: Array, guidance_scale: float,
   return guidance_rescale * (eps * ratio) + (1.0 - guidance_rescale) * eps
 
 
+def _ddim_sigma_and_dir_coef(xp: Any, ab: Array, ab_prev: Array, eta: float) -> tuple[Array, Array]:
+  """DDIM ``sigma`` and ``dir_coef = sqrt(1 - ab_prev - sigma^2)``, computed with ``xp`` (np / jnp).
+
+  ``sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)``, 0 where ``ab == 1``;
+  the denominators are made safe, so there is no division by zero at ``ab == 1`` or
+  ``ab_prev == 0``.
+  """
+  one_minus_ab = 1.0 - ab
+  safe = xp.where(one_minus_ab > 0, one_minus_ab, 1.0)
+  ratio = xp.where(ab_prev > 0, ab / xp.where(ab_prev > 0, ab_prev, 1.0), 1.0)
+  sigma = eta * xp.sqrt(xp.maximum((1.0 - ab_prev) / safe, 0.0)) * xp.sqrt(
+      xp.maximum(1.0 - ratio, 0.0))
+  sigma = xp.where(one_minus_ab > 0, sigma, 0.0)
+  return sigma, xp.sqrt(xp.maximum(1.0 - ab_prev - sigma * sigma, 0.0))
+
+
 def _ddim_coefficients(ab: np.ndarray, ab_prev: np.ndarray, eta: float) -> dict[str, np.ndarray]:
   """Host float64 DDIM coefficients per visited step (exact even where ab is close to 1)."""
   ab = np.asarray(ab, np.float64)
   ab_prev = np.asarray(ab_prev, np.float64)
-  one_minus_ab = 1.0 - ab
-  safe = np.where(one_minus_ab > 0, one_minus_ab, 1.0)
-  ratio = np.where(ab_prev > 0, ab / np.where(ab_prev > 0, ab_prev, 1.0), 1.0)
-  sigma = eta * np.sqrt(np.maximum((1.0 - ab_prev) / safe, 0.0)) * np.sqrt(
-      np.maximum(1.0 - ratio, 0.0))
-  sigma = np.where(one_minus_ab > 0, sigma, 0.0)
+  sigma, dir_coef = _ddim_sigma_and_dir_coef(np, ab, ab_prev, eta)
   return dict(
-      sqrt_ab=np.sqrt(ab), sqrt_one_minus_ab=np.sqrt(one_minus_ab),
-      sqrt_ab_prev=np.sqrt(ab_prev),
-      dir_coef=np.sqrt(np.maximum(1.0 - ab_prev - sigma * sigma, 0.0)), sigma=sigma,
-      zero_snr=ab == 0.0)
+      sqrt_ab=np.sqrt(ab), sqrt_one_minus_ab=np.sqrt(1.0 - ab), sqrt_ab_prev=np.sqrt(ab_prev),
+      dir_coef=dir_coef, sigma=sigma, zero_snr=ab == 0.0)
 
 
 def _ddim_update(x0: Array, eps: Array, sqrt_ab_prev: Array, dir_coef: Array, sigma: Array,
@@ -422,13 +431,7 @@ def ddim_step(x: Array, x0: Array, eps: Array, ab: Array, ab_prev: Array, eta: f
   """
   ab = jnp.asarray(ab, jnp.float32)
   ab_prev = jnp.asarray(ab_prev, jnp.float32)
-  one_minus_ab = 1.0 - ab
-  safe = jnp.where(one_minus_ab > 0, one_minus_ab, 1.0)
-  ratio = jnp.where(ab_prev > 0, ab / jnp.where(ab_prev > 0, ab_prev, 1.0), 1.0)
-  sigma = eta * jnp.sqrt(jnp.maximum((1.0 - ab_prev) / safe, 0.0)) * jnp.sqrt(
-      jnp.maximum(1.0 - ratio, 0.0))
-  sigma = jnp.where(one_minus_ab > 0, sigma, 0.0)
-  dir_coef = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma * sigma, 0.0))
+  sigma, dir_coef = _ddim_sigma_and_dir_coef(jnp, ab, ab_prev, eta)
   if eta > 0 and noise is None:
     raise ValueError("ddim_step: eta > 0 needs noise")
   out = _ddim_update(jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32),

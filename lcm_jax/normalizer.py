@@ -142,18 +142,7 @@ class Normalizer:
       arrays["clip_max"] = self.clip_max
       if self.clip_quantiles is not None:
         arrays["clip_quantiles"] = np.asarray(self.clip_quantiles, dtype=np.float64)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-      apply_umask_permissions(tmp)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    return path
+    return write_npz_atomic(path, arrays)
 
   @classmethod
   def load(cls, path: str) -> "Normalizer":
@@ -200,6 +189,26 @@ class Normalizer:
                clip_max=bufs["clip_max"], quantile_range=qr,  # type: ignore[arg-type]
                clip_quantiles=None if cq is None else (float(cq[0]), float(cq[1])),
                num_samples=int(data.get("num_samples", -1)))
+
+
+def write_npz_atomic(path: str, arrays: Mapping[str, Any]) -> str:
+  """Writes ``arrays`` to the ``.npz`` ``path`` atomically and returns ``path``.
+
+  A temporary name in the same directory, given the usual file mode
+  (:func:`apply_umask_permissions`), then renamed; removed again if anything fails.
+  """
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    apply_umask_permissions(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
 
 
 def apply_umask_permissions(path: str) -> None:

@@ -13,6 +13,7 @@ from configs import mse_1b6
 from lcm_jax.models import flops, naming
 from lcm_jax.models.base_lcm import BaseLCM, mse_loss, target_mask_from_segments
 from lcm_jax.models.config import ModelConfig
+from tests import helpers
 
 TINY = ModelConfig.from_config(mse_1b6.get_config("tiny").model)  # d 64, 2 layers, sonar 32
 
@@ -115,15 +116,8 @@ def test_reference_keys_shapes_and_round_trip(num_layers, scan):
   np.testing.assert_array_equal(state["lcm.layers.1.ffn.output_proj.weight"],
                                 (kernel[1] if scan else kernel).T)
   back_params, back_buffers = naming.from_reference(state, cfg)
-  for ours, theirs in ((params, back_params), (buffers, back_buffers)):
-    flat_a = jax.tree_util.tree_flatten_with_path(ours)[0]
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-    assert len(flat_a) == len(flat_b)
-    for path, value in flat_a:
-      other = flat_b[path]
-      assert other.dtype == value.dtype and other.shape == value.shape
-      np.testing.assert_array_equal(np.asarray(value).view(np.uint32),
-                                    np.asarray(other).view(np.uint32))  # bitwise
+  helpers.assert_trees_bitwise_equal(params, back_params)
+  helpers.assert_trees_bitwise_equal(buffers, back_buffers)
   with pytest.raises(ValueError, match="missing"):
     naming.from_reference({k: v for k, v in state.items() if k != "lcm.layer_norm.weight"}, cfg)
 

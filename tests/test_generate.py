@@ -6,7 +6,6 @@ slots contribute exact zeros), so predictions agree to ~1e-6 relative; we assert
 """
 
 import os
-import subprocess
 import sys
 
 import jax
@@ -17,8 +16,8 @@ import pytest
 from lcm_jax import generate as gen_lib
 from lcm_jax import layers
 from lcm_jax.models.config import ModelConfig
+from tests.helpers import ROOT, main_cmd, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 16
 RTOL, ATOL = 1e-5, 1e-5
 PROMPT_LENGTHS = (3, 1, 5)
@@ -338,27 +337,11 @@ def test_two_tower_bad_sampler_settings(two_tower):
 CLI_DIM = 32
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["HF_HUB_OFFLINE"] = "1"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _run(cmd, timeout=600):
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def _train(data, wd, config):
-  r = _run([sys.executable, "-m", "lcm_jax.main", f"--config={os.path.join(ROOT, config)}",
-            f"--workdir={wd}", f"--config.data.train={data}",
-            "--config.data.generate_synthetic_if_missing=False",
-            "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
-            "--config.train.eval_every=0", "--config.train.log_every=1",
-            "--config.data.seq_len=16", "--config.data.max_doc_len=16",
-            "--config.data.global_batch_size=8"])
+  r = run_cli(main_cmd(wd, data, "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
+                       "--config.train.eval_every=0", "--config.train.log_every=1",
+                       "--config.data.seq_len=16", "--config.data.max_doc_len=16",
+                       "--config.data.global_batch_size=8", config=config))
   assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -367,8 +350,8 @@ def trained(tmp_path_factory):
   """A synthetic corpus and a tiny Base-LCM trained on it for 2 steps (one checkpoint)."""
   base = tmp_path_factory.mktemp("gen_cli")
   data = str(base / "synthetic")
-  r = _run([sys.executable, "-m", "data_prep.synthetic", f"--out={data}", "--num_docs=64",
-            f"--dim={CLI_DIM}", "--seed=1", "--num_shards=1"])
+  r = run_cli([sys.executable, "-m", "data_prep.synthetic", f"--out={data}", "--num_docs=64",
+               f"--dim={CLI_DIM}", "--seed=1", "--num_shards=1"])
   assert r.returncode == 0, r.stderr[-3000:]
   wd = str(base / "wd")
   _train(data, wd, "configs/mse_1b6.py:tiny")
@@ -388,8 +371,8 @@ def test_cli_generates(trained, tmp_path):
   path = str(tmp_path / "prompts.npz")
   np.savez(path, **{f"prompt_{k}": v.astype(np.float32) for k, v in prompts.items()})
   out = str(tmp_path / "out" / "gen.npz")
-  r = _run(_gen_cmd(wd, path, out, "--max_len=4", "--batch_size=2",
-                    f"--eot_vector={os.path.join(data, 'process.npz')}"))
+  r = run_cli(_gen_cmd(wd, path, out, "--max_len=4", "--batch_size=2",
+                       f"--eot_vector={os.path.join(data, 'process.npz')}"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert "generated 3 prompts from step 2" in r.stdout
   with np.load(out) as f:
@@ -413,9 +396,9 @@ def test_cli_generates(trained, tmp_path):
              lengths=np.array([2, 5, 1]), ids=np.array(["a", "bb", "c"]))
     first = {k: f[k] for k in ("embeddings", "lengths")}
   out2 = str(tmp_path / "gen2.npz")
-  r = _run(_gen_cmd(wd, again, out2, "--max_len=4", "--batch_size=8", "--loop=python",
-                    f"--eot_vector={os.path.join(data, 'process.npz')}",
-                    f"--config={os.path.join(ROOT, 'configs/mse_1b6.py')}:tiny"))
+  r = run_cli(_gen_cmd(wd, again, out2, "--max_len=4", "--batch_size=8", "--loop=python",
+                       f"--eot_vector={os.path.join(data, 'process.npz')}",
+                       f"--config={os.path.join(ROOT, 'configs/mse_1b6.py')}:tiny"))
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(out2) as f:
     np.testing.assert_array_equal(f["lengths"], first["lengths"])
@@ -446,7 +429,7 @@ def test_cli_bad_input_fails_cleanly(trained, tmp_path, kind, expected):
   np.savez(path, **prompts)
   out_dir = tmp_path / "out"
   out_dir.mkdir()
-  r = _run(_gen_cmd(wd, path, str(out_dir / "gen.npz"), *extra))
+  r = run_cli(_gen_cmd(wd, path, str(out_dir / "gen.npz"), *extra))
   assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
   err = r.stderr.strip().splitlines()[-1]
   assert err.startswith("error: "), err
@@ -467,7 +450,7 @@ def test_cli_two_tower(trained, tmp_path):
   np.savez(path, prompt_0=rng.normal(size=(3, CLI_DIM)).astype(np.float32),
            prompt_1=rng.normal(size=(1, CLI_DIM)).astype(np.float32))
   out = str(tmp_path / "gen.npz")
-  r = _run(_gen_cmd(wd, path, out, "--max_len=3", "--num_steps=4", "--seed=5"))
+  r = run_cli(_gen_cmd(wd, path, out, "--max_len=3", "--num_steps=4", "--seed=5"))
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(out) as f:
     assert list(f["ids"]) == ["0", "1"] and f["embeddings"].shape == (2, 3, CLI_DIM)

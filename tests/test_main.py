@@ -15,29 +15,9 @@ import numpy as np
 import pytest
 
 from lcm_jax import schema
+from tests.helpers import ROOT, cli_env, main_cmd, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 32
-
-
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["HF_HUB_OFFLINE"] = "1"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _main_cmd(workdir, data_dir, *overrides, config="configs/mse_1b6.py:tiny"):
-  return [sys.executable, "-m", "lcm_jax.main", f"--config={os.path.join(ROOT, config)}",
-          f"--workdir={workdir}",
-          f"--config.data.train={data_dir}",
-          "--config.data.generate_synthetic_if_missing=False", *overrides]
-
-
-def _run(cmd, timeout=600):
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _metrics(workdir):
@@ -55,8 +35,8 @@ def _checkpoint_steps(workdir):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("data") / "synthetic")
-  r = _run([sys.executable, "-m", "data_prep.synthetic", f"--out={out}", "--num_docs=1200",
-            f"--dim={DIM}", "--seed=3"])
+  r = run_cli([sys.executable, "-m", "data_prep.synthetic", f"--out={out}", "--num_docs=1200",
+               f"--dim={DIM}", "--seed=3"])
   assert r.returncode == 0, r.stderr
   return out
 
@@ -75,8 +55,9 @@ def _params(workdir, step=None):
 def test_tiny_training_beats_previous_concept_baseline(corpus, tmp_path):
   """The tiny Base-LCM learns the branching corpus: eval MSE far below 'repeat the last concept'."""
   wd = str(tmp_path / "wd")
-  r = _run(_main_cmd(wd, corpus, "--config.train.num_steps=300", "--config.train.eval_every=300",
-                     "--config.train.checkpoint_every=300", "--config.train.log_every=100"))
+  r = run_cli(main_cmd(wd, corpus, "--config.train.num_steps=300",
+                       "--config.train.eval_every=300", "--config.train.checkpoint_every=300",
+                       "--config.train.log_every=100"))
   assert r.returncode == 0, r.stderr[-4000:]
   evals = [m for m in _metrics(wd) if "eval/loss" in m]
   assert evals, "no eval metrics written"
@@ -103,7 +84,7 @@ RESUME_FLAGS = [f"--config.train.num_steps={RESUME_STEPS}", "--config.train.chec
 def uninterrupted(corpus, tmp_path_factory):
   """The reference: RESUME_STEPS steps in one go (dropout on, one Grain prefetch worker)."""
   ref = str(tmp_path_factory.mktemp("ref") / "wd")
-  r = _run(_main_cmd(ref, corpus, *RESUME_FLAGS))
+  r = run_cli(main_cmd(ref, corpus, *RESUME_FLAGS))
   assert r.returncode == 0, r.stderr[-4000:]
   return ref
 
@@ -114,7 +95,7 @@ def _interrupt(wd, corpus, sig, after_step=60):
   log = os.path.join(os.path.dirname(wd), os.path.basename(wd) + ".stderr")
   with open(log, "w") as err_file:
     # Own session: after a SIGKILL the orphaned Grain worker is reaped with the group below.
-    proc = subprocess.Popen(_main_cmd(wd, corpus, *RESUME_FLAGS), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(main_cmd(wd, corpus, *RESUME_FLAGS), cwd=ROOT, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -158,7 +139,7 @@ def test_exact_resume_after_sigkill(corpus, uninterrupted, tmp_path):
   rc, _ = _interrupt(wd, corpus, signal.SIGKILL)
   assert rc == -signal.SIGKILL, "the run finished before it could be killed"
   assert max(_checkpoint_steps(wd)) < RESUME_STEPS
-  r = _run(_main_cmd(wd, corpus, *RESUME_FLAGS))
+  r = run_cli(main_cmd(wd, corpus, *RESUME_FLAGS))
   assert r.returncode == 0, r.stderr[-4000:]
   assert "Restoring checkpoint" in r.stderr
   _assert_same_run(uninterrupted, wd)
@@ -173,7 +154,7 @@ def test_sigterm_checkpoints_and_resumes(corpus, uninterrupted, tmp_path):
   steps = _checkpoint_steps(wd)
   last_logged = max(m["step"] for m in _metrics(wd) if "batch_fingerprint" in m) + 1
   assert steps[-1] == last_logged < RESUME_STEPS, (steps, last_logged)
-  r = _run(_main_cmd(wd, corpus, *RESUME_FLAGS))
+  r = run_cli(main_cmd(wd, corpus, *RESUME_FLAGS))
   assert r.returncode == 0, r.stderr[-4000:]
   assert f"Restoring checkpoint {steps[-1]}" in r.stderr
   _assert_same_run(uninterrupted, wd)
@@ -255,7 +236,7 @@ def test_bad_data_fails_cleanly(kind, expected, tmp_path):
   data = str(tmp_path / ("does_not_exist" if kind == "missing" else "data"))
   _bad_dataset(kind, data)
   wd = str(tmp_path / "wd")
-  r = _run(_main_cmd(wd, data, "--config.train.num_steps=5", "--config.data.eval_fraction=0.1"))
+  r = run_cli(main_cmd(wd, data, "--config.train.num_steps=5", "--config.data.eval_fraction=0.1"))
   assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
   err = r.stderr.strip().splitlines()[-1]
   for e in expected:
@@ -270,7 +251,7 @@ def test_bad_data_fails_cleanly(kind, expected, tmp_path):
 ])
 def test_bad_mesh_fails_cleanly(corpus, overrides, expected, tmp_path):
   wd = str(tmp_path / "wd")
-  r = _run(_main_cmd(wd, corpus, "--config.train.num_steps=5", *overrides))
+  r = run_cli(main_cmd(wd, corpus, "--config.train.num_steps=5", *overrides))
   assert r.returncode == 2, r.stderr[-3000:]
   err = r.stderr.strip().splitlines()[-1]
   for e in expected:
@@ -287,7 +268,8 @@ def _reference_param_count(d, layers, ffn, sonar=1024):
 
 
 def test_describe_reports_reference_param_count():
-  r = _run([sys.executable, "-m", "lcm_jax.main", "--config=configs/mse_1b6.py", "--mode=describe"])
+  r = run_cli([sys.executable, "-m", "lcm_jax.main", "--config=configs/mse_1b6.py",
+               "--mode=describe"])
   assert r.returncode == 0, r.stderr
   expected = _reference_param_count(2048, 32, 5632)
   print(r.stdout, "expected", expected)

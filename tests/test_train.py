@@ -13,60 +13,17 @@ from configs import mse_1b6
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import sharding
 from lcm_jax import train
-from lcm_jax.normalizer import Normalizer
+from tests import helpers
 
 
 def _config(mesh=(8, 1, 1), dropout=0.1, accum=1, batch=8):
-  c = mse_1b6.get_config("tiny")
-  c.model.dropout = dropout
-  c.model.sonar_embed_dim = 16
-  c.model.model_dim = 32
-  c.model.num_heads = 4
-  c.data.seq_len = 16
-  c.data.global_batch_size = batch
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-  c.optimizer.grad_accum_steps = accum
-  c.optimizer.warmup_steps = 1
-  return c
-
-
-def _batch(c, seed=0):
-  """A packed batch: rows hold 1-3 documents of random length, some padding."""
-  rng = np.random.default_rng(seed)
-  b, l, d = c.data.global_batch_size, c.data.seq_len, c.model.sonar_embed_dim
-  seg = np.zeros((b, l), np.int32)
-  pos = np.zeros((b, l), np.int32)
-  for i in range(b):
-    t, s = 0, 1
-    while t < l - 2 and s <= 3:
-      n = int(rng.integers(2, l - t + 1))
-      seg[i, t:t + n], pos[i, t:t + n] = s, np.arange(n)
-      t, s = t + n, s + 1
-  return {"embeddings": rng.standard_normal((b, l, d)).astype(np.float32), "segment_ids": seg,
-          "positions": pos, "target_mask": ((seg > 0) & (pos > 0)).astype(np.float32)}
-
-
-def _normalizer(d, seed=1):
-  rng = np.random.default_rng(seed)
-  return Normalizer(center=rng.normal(size=d).astype(np.float32),
-                    scale=rng.uniform(0.5, 2.0, size=d).astype(np.float32))
-
-
-def _run_steps(c, devices, num_steps=2):
-  s = train.setup(c, devices=devices)
-  state = train.init_state(s, _normalizer(c.model.sonar_embed_dim))
-  step = train.make_train_step(s)
-  losses = []
-  for i in range(num_steps):
-    state, m = step(state, sharding.global_batch_from_local(_batch(c, seed=i), s.mesh))
-    losses.append(float(m["loss"]))
-  return jax.device_get(state), losses
+  return helpers.small_train_config(mse_1b6, mesh=mesh, dropout=dropout, accum=accum, batch=batch)
 
 
 def test_sharded_step_equals_single_device():
   """(data, fsdp, tensor) = (2, 2, 2) vs one device, with dropout on: same loss and params."""
-  single, l1 = _run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1])
-  sharded, l8 = _run_steps(_config(mesh=(2, 2, 2)), jax.devices())
+  single, l1 = helpers.run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1])
+  sharded, l8 = helpers.run_steps(_config(mesh=(2, 2, 2)), jax.devices())
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -77,17 +34,17 @@ def test_sharded_step_equals_single_device():
 
 
 def test_dropout_is_active_and_deterministic():
-  a, la = _run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1], num_steps=1)
-  b, lb = _run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1], num_steps=1)
-  c, lc = _run_steps(_config(mesh=(1, 1, 1), dropout=0.0), jax.devices()[:1], num_steps=1)
+  a, la = helpers.run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1], num_steps=1)
+  b, lb = helpers.run_steps(_config(mesh=(1, 1, 1)), jax.devices()[:1], num_steps=1)
+  c, lc = helpers.run_steps(_config(mesh=(1, 1, 1), dropout=0.0), jax.devices()[:1], num_steps=1)
   assert la == lb
   assert la != lc  # dropout changes the loss
 
 
 def test_grad_accumulation_matches_full_batch():
   """Loss weighted by target count: 4 microbatches of uneven target counts == one batch."""
-  full, lf = _run_steps(_config(dropout=0.0, accum=1, batch=16), jax.devices())
-  acc, la = _run_steps(_config(dropout=0.0, accum=2, batch=16), jax.devices())
+  full, lf = helpers.run_steps(_config(dropout=0.0, accum=1, batch=16), jax.devices())
+  acc, la = helpers.run_steps(_config(dropout=0.0, accum=2, batch=16), jax.devices())
   np.testing.assert_allclose(lf, la, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -97,9 +54,9 @@ def test_loss_is_mean_over_targets():
   """The reported loss equals a float64 NumPy MSE (sum over dims, mean over targets) at init."""
   c = _config(mesh=(1, 1, 1), dropout=0.0)
   s = train.setup(c, devices=jax.devices()[:1])
-  norm = _normalizer(c.model.sonar_embed_dim)
+  norm = helpers.random_normalizer(c.model.sonar_embed_dim)
   state = train.init_state(s, norm)
-  batch = _batch(c)
+  batch = helpers.packed_batch(c)
   variables = {"params": state["params"], "buffers": state["buffers"]}
   preds, _ = s.model.apply(variables, batch["embeddings"], batch["segment_ids"], batch["positions"])
   x = (batch["embeddings"].astype(np.float64) - norm.center) / norm.scale
@@ -126,8 +83,9 @@ def test_restore_onto_different_mesh(tmp_path):
   """Save on (8,1,1), restore onto (2,2,2) and onto one device: identical values."""
   c8 = _config(mesh=(8, 1, 1))
   s8 = train.setup(c8)
-  state = train.init_state(s8, _normalizer(16))
-  state, _ = train.make_train_step(s8)(state, sharding.global_batch_from_local(_batch(c8), s8.mesh))
+  state = train.init_state(s8, helpers.random_normalizer(16))
+  batch = sharding.global_batch_from_local(helpers.packed_batch(c8), s8.mesh)
+  state, _ = train.make_train_step(s8)(state, batch)
   saved = jax.device_get(state)
   ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=True)
   ck.save(1, state, None, {"note": "test"})
@@ -169,14 +127,14 @@ def test_remat_and_scan_options_do_not_change_the_step(overrides):
   for k, v in overrides.items():
     setattr(c.model, k, v)
   s0, s1 = train.setup(base_c, devices=jax.devices()[:1]), train.setup(c, devices=jax.devices()[:1])
-  st0 = train.init_state(s0, _normalizer(16))
-  st1 = train.init_state(s1, _normalizer(16))
+  st0 = train.init_state(s0, helpers.random_normalizer(16))
+  st1 = train.init_state(s1, helpers.random_normalizer(16))
   # Same weights in both layouts.
   ref = naming.to_reference(jax.device_get(st0["params"]), jax.device_get(st0["buffers"]), s0.model_cfg)
   p1, _ = naming.from_reference(ref, s1.model_cfg)
   st1["params"] = jax.device_put(p1, s1.state_shardings["params"])
   st1["opt_state"] = s1.tx.init(st1["params"])
-  batch = _batch(c)
+  batch = helpers.packed_batch(c)
   n0, m0 = train.make_train_step(s0)(st0, sharding.global_batch_from_local(batch, s0.mesh))
   n1, m1 = train.make_train_step(s1)(st1, sharding.global_batch_from_local(batch, s1.mesh))
   np.testing.assert_allclose(float(m0["loss"]), float(m1["loss"]), rtol=1e-6)

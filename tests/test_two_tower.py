@@ -24,7 +24,7 @@ from lcm_jax.models import LOSSES, build, flops, naming
 from lcm_jax.models.config import ModelConfig
 from lcm_jax.models.two_tower import (TwoTowerLCM, cross_attention_mask, diffusion_loss,
                                       diffusion_loss_from_draws, timestep_features)
-from lcm_jax.normalizer import Normalizer
+from tests import helpers
 
 FAMILY = "two_tower_diffusion_lcm"
 T_SMALL = 20   # <= B * L of the packed batch below, so the timestep-table shortcut is exercised
@@ -290,15 +290,8 @@ def test_reference_keys_shapes_init_and_round_trip(scan):
   assert lay["cross_attention"]["k_proj"]["kernel"] == pre + ("embed", "heads")
   # bit-exact round trip
   back_params, back_buffers = naming.from_reference(state, cfg)
-  for ours, theirs in ((params, back_params), (buffers, back_buffers)):
-    flat_a = jax.tree_util.tree_flatten_with_path(ours)[0]
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-    assert len(flat_a) == len(flat_b)
-    for path, value in flat_a:
-      other = flat_b[path]
-      assert other.dtype == value.dtype and other.shape == value.shape
-      np.testing.assert_array_equal(np.asarray(value).view(np.uint32),
-                                    np.asarray(other).view(np.uint32))
+  helpers.assert_trees_bitwise_equal(params, back_params)
+  helpers.assert_trees_bitwise_equal(buffers, back_buffers)
   with pytest.raises(ValueError, match="missing"):
     naming.from_reference({k: v for k, v in state.items()
                            if k != "denoiser.layers.0.modulator.fc.bias"}, cfg)
@@ -533,59 +526,22 @@ def test_loss_randomness_and_eval_determinism():
 
 
 def _train_config(mesh=(1, 1, 1), dropout=0.0, batch=8):
-  c = two_tower_1b6.get_config("tiny")
-  c.model.dropout = dropout
-  c.model.sonar_embed_dim = 16
-  c.model.model_dim = 32
-  c.model.num_heads = 4
+  c = helpers.small_train_config(two_tower_1b6, mesh=mesh, dropout=dropout, batch=batch)
   c.model.ffn_inner_dim = 96
   c.model.ffn_multiple_of = 16
-  c.data.seq_len = 16
-  c.data.global_batch_size = batch
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-  c.optimizer.warmup_steps = 1
   return c
 
 
 def _train_batch(c, seed=0):
-  rng = np.random.default_rng(seed)
-  b, l, d = c.data.global_batch_size, c.data.seq_len, c.model.sonar_embed_dim
-  seg = np.zeros((b, l), np.int32)
-  pos = np.zeros((b, l), np.int32)
-  for i in range(b):
-    t, s = 0, 1
-    while t < l - 2 and s <= 3:
-      n = int(rng.integers(2, l - t + 1))
-      seg[i, t:t + n], pos[i, t:t + n] = s, np.arange(n)
-      t, s = t + n, s + 1
-  # smooth documents (a random walk), so that the context helps
-  emb = np.cumsum(rng.standard_normal((b, l, d)), axis=1).astype(np.float32) * 0.3
-  return {"embeddings": emb, "segment_ids": seg, "positions": pos,
-          "target_mask": ((seg > 0) & (pos > 0)).astype(np.float32)}
-
-
-def _normalizer(d, seed=1):
-  rng = np.random.default_rng(seed)
-  return Normalizer(center=rng.normal(size=d).astype(np.float32),
-                    scale=rng.uniform(0.5, 2.0, size=d).astype(np.float32))
-
-
-def _run_steps(c, devices, num_steps=2):
-  s = train.setup(c, devices=devices)
-  state = train.init_state(s, _normalizer(c.model.sonar_embed_dim))
-  step = train.make_train_step(s)
-  losses = []
-  for i in range(num_steps):
-    state, m = step(state, sharding.global_batch_from_local(_train_batch(c, seed=i), s.mesh))
-    losses.append(float(m["loss"]))
-  return jax.device_get(state), losses
+  """Smooth documents (a random walk), so that the context helps."""
+  return helpers.packed_batch(c, seed=seed, random_walk=True)
 
 
 def test_training_reduces_the_eval_loss():
   c = _train_config()
   s = train.setup(c, devices=jax.devices()[:1])
   assert isinstance(s.model, TwoTowerLCM)
-  state = train.init_state(s, _normalizer(c.model.sonar_embed_dim))
+  state = train.init_state(s, helpers.random_normalizer(c.model.sonar_embed_dim))
   step, eval_step = train.make_train_step(s), train.make_eval_step(s)
   batch = sharding.global_batch_from_local(_train_batch(c), s.mesh)
   before = eval_step(state["params"], state["buffers"], batch)
@@ -606,8 +562,10 @@ def test_training_reduces_the_eval_loss():
 
 def test_sharded_step_equals_single_device():
   """(data, fsdp, tensor) = (2, 2, 2) vs one device, with dropout on: same loss and params."""
-  single, l1 = _run_steps(_train_config(mesh=(1, 1, 1), dropout=0.1), jax.devices()[:1])
-  sharded, l8 = _run_steps(_train_config(mesh=(2, 2, 2), dropout=0.1), jax.devices())
+  single, l1 = helpers.run_steps(_train_config(mesh=(1, 1, 1), dropout=0.1), jax.devices()[:1],
+                                 make_batch=_train_batch)
+  sharded, l8 = helpers.run_steps(_train_config(mesh=(2, 2, 2), dropout=0.1), jax.devices(),
+                                  make_batch=_train_batch)
   np.testing.assert_allclose(l1, l8, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"])):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

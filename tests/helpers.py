@@ -1,0 +1,124 @@
+"""Helpers shared by several test files: small training configs and packed batches, bitwise tree
+comparison, and running the CLIs in a subprocess.
+
+Import as ``from tests import helpers`` (tests/conftest.py puts the repository root on sys.path).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from lcm_jax import sharding
+from lcm_jax import train
+from lcm_jax.normalizer import Normalizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a small model
+
+def small_train_config(recipe, mesh=(8, 1, 1), dropout=0.1, accum=1, batch=8):
+  """``recipe.get_config("tiny")`` shrunk to d 32, 4 heads, SONAR dim 16, rows of 16 concepts.
+
+  ``recipe`` is a config module (configs/mse_1b6.py, configs/two_tower_1b6.py); ``mesh`` is
+  (data, fsdp, tensor), ``batch`` the global batch size, ``accum`` the gradient accumulation steps.
+  """
+  c = recipe.get_config("tiny")
+  c.model.dropout = dropout
+  c.model.sonar_embed_dim = 16
+  c.model.model_dim = 32
+  c.model.num_heads = 4
+  c.data.seq_len = 16
+  c.data.global_batch_size = batch
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  c.optimizer.grad_accum_steps = accum
+  c.optimizer.warmup_steps = 1
+  return c
+
+
+def packed_batch(c, seed=0, random_walk=False):
+  """A packed batch for config ``c``: rows hold 1-3 documents of random length, some padding.
+
+  Embeddings are standard normal, or with ``random_walk`` a random walk along each row (scaled by
+  0.3: smooth documents, so that the context helps).
+  """
+  rng = np.random.default_rng(seed)
+  b, l, d = c.data.global_batch_size, c.data.seq_len, c.model.sonar_embed_dim
+  seg = np.zeros((b, l), np.int32)
+  pos = np.zeros((b, l), np.int32)
+  for i in range(b):
+    t, s = 0, 1
+    while t < l - 2 and s <= 3:
+      n = int(rng.integers(2, l - t + 1))
+      seg[i, t:t + n], pos[i, t:t + n] = s, np.arange(n)
+      t, s = t + n, s + 1
+  emb = rng.standard_normal((b, l, d))
+  if random_walk:
+    emb = np.cumsum(emb, axis=1).astype(np.float32) * 0.3
+  return {"embeddings": emb.astype(np.float32), "segment_ids": seg, "positions": pos,
+          "target_mask": ((seg > 0) & (pos > 0)).astype(np.float32)}
+
+
+def random_normalizer(d, seed=1):
+  """A normalizer with random centers and scales in [0.5, 2)."""
+  rng = np.random.default_rng(seed)
+  return Normalizer(center=rng.normal(size=d).astype(np.float32),
+                    scale=rng.uniform(0.5, 2.0, size=d).astype(np.float32))
+
+
+def run_steps(c, devices, num_steps=2, make_batch=packed_batch):
+  """Runs ``num_steps`` train steps of config ``c`` on ``devices`` from a fresh init.
+
+  Step i uses ``make_batch(c, seed=i)``. Returns the final state (on the host) and the losses.
+  """
+  s = train.setup(c, devices=devices)
+  state = train.init_state(s, random_normalizer(c.model.sonar_embed_dim))
+  step = train.make_train_step(s)
+  losses = []
+  for i in range(num_steps):
+    state, m = step(state, sharding.global_batch_from_local(make_batch(c, seed=i), s.mesh))
+    losses.append(float(m["loss"]))
+  return jax.device_get(state), losses
+
+
+def assert_trees_bitwise_equal(ours, theirs):
+  """Same leaf paths, dtypes and shapes, and bit-for-bit equal (float32) values."""
+  flat_a = jax.tree_util.tree_flatten_with_path(ours)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+  assert len(flat_a) == len(flat_b)
+  for path, value in flat_a:
+    other = flat_b[path]
+    assert other.dtype == value.dtype and other.shape == value.shape
+    np.testing.assert_array_equal(np.asarray(value).view(np.uint32),
+                                  np.asarray(other).view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLIs in a subprocess
+
+def cli_env():
+  """The environment of a CLI subprocess: 8 fake CPU devices, no model hub, the repo importable."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["HF_HUB_OFFLINE"] = "1"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def run_cli(cmd, timeout=600):
+  """Runs ``cmd`` in the repository root with :func:`cli_env`; captures text stdout/stderr."""
+  return subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def main_cmd(workdir, data_dir, *overrides, config="configs/mse_1b6.py:tiny"):
+  """``python -m lcm_jax.main`` training ``config`` on ``data_dir`` (no synthetic generation)."""
+  return [sys.executable, "-m", "lcm_jax.main", f"--config={os.path.join(ROOT, config)}",
+          f"--workdir={workdir}",
+          f"--config.data.train={data_dir}",
+          "--config.data.generate_synthetic_if_missing=False", *overrides]
