@@ -64,7 +64,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -76,6 +75,7 @@ from lcm_jax import diffusion
 from lcm_jax import layers
 from lcm_jax import schema
 from lcm_jax.models.config import ModelConfig
+from lcm_jax.normalizer import write_npz_atomic
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -263,6 +263,14 @@ def two_tower_predict(model: Any, variables: Variables, cross_k: Array, cross_v:
 # ----------------------------------------------------------------------------------------------
 # Per-family decoders: start (prefill + first concept) and advance (feed one concept + next one)
 
+def _prefill_inputs(cfg: Any, prompts: Array, total: int) -> tuple[Any, Array, Array]:
+  """An empty KV cache of ``total`` slots, the prompts' positions (0..L-1) and cache offsets (0)."""
+  batch, plen = prompts.shape[:2]
+  cache = layers.init_cache(cfg, batch, total)
+  positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+  return cache, positions, jnp.zeros((batch,), jnp.int32)
+
+
 class _BaseLCMDecoder:
   """Base-LCM: the state is the ``lcm`` stack's KV cache."""
 
@@ -277,12 +285,9 @@ class _BaseLCMDecoder:
 
   def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
             rng: Array) -> tuple[Any, Array]:
-    cfg = self.model.config
-    batch, plen = prompts.shape[:2]
-    cache = layers.init_cache(cfg, batch, total)
-    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    cache, positions, index = _prefill_inputs(self.model.config, prompts, total)
     preds, _, cache = self.model.apply(variables, prompts, None, positions, cache=cache,
-                                       cache_index=jnp.zeros((batch,), jnp.int32))
+                                       cache_index=index)
     last = jnp.take_along_axis(preds, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, self._concept(variables, last, rng)
 
@@ -310,13 +315,10 @@ class _TwoTowerDecoder:
   def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
             rng: Array) -> tuple[Any, Array]:
     from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
-    cfg = self.model.config
     batch, plen = prompts.shape[:2]
-    cache = layers.init_cache(cfg, batch, total)
-    positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
+    cache, positions, index = _prefill_inputs(self.model.config, prompts, total)
     context, _, cache = self.model.apply(
-        variables, prompts, None, positions, cache=cache,
-        cache_index=jnp.zeros((batch,), jnp.int32), deterministic=True,
+        variables, prompts, None, positions, cache=cache, cache_index=index, deterministic=True,
         method=TwoTowerLCM.contextualize)
     k, v = self.model.apply(variables, context, prepend_zero=True, method=TwoTowerLCM.cross_kv)
     shape = (k.shape[0], batch, total + 1) + k.shape[3:]
@@ -586,21 +588,8 @@ def load_eot_vector(path: str, dim: int) -> np.ndarray:
 
 def save_outputs(path: str, arrays: dict[str, np.ndarray]) -> None:
   """Writes an ``.npz`` atomically: a temporary file in the same directory, then rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", suffix=".npz",
-                             dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_npz_atomic(path, arrays)
 
 
 # ----------------------------------------------------------------------------------------------
