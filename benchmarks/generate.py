@@ -1,0 +1,196 @@
+r"""Generation throughput: generated concepts/s with the KV cache, both families, tiny and bench.
+
+  .venv/bin/python benchmarks/generate.py                 # the 4 configs below, paper sampler
+  .venv/bin/python benchmarks/generate.py --configs=configs/two_tower_1b6.py:tiny --rounds=1
+
+Default configs: configs/mse_1b6.py and configs/two_tower_1b6.py, each ``:tiny`` and ``:bench``.
+For each config: randomly initialised weights (lcm_jax.train.init_state), ``--batch`` random
+prompts of ``--prompt_len`` concepts, ``--max_len`` concepts generated per prompt by
+lcm_jax.generate.Generator (one jitted ``lax.while_loop``) with every early stop off (no
+end-of-text vector, no repetition threshold, ``min_len = max_len``), so every row generates
+exactly ``max_len`` concepts (checked). Two-Tower: DDIM with ``--num_steps`` (default 40; the
+reference's ``trailing_reference`` spacing then visits 50 of the 100 timesteps) and classifier-free
+guidance ``--guidance_scale`` (default 3: the conditional and unconditional halves run as one
+batch of 2B); the other sampler settings are lcm_jax.diffusion.SamplerConfig's defaults.
+
+Timing: one warm-up call (compile + one full generation, reported as ``compile``), then
+``--rounds`` rounds, each ``--matmul_iters`` plain matmuls followed by ONE full generation call
+(prefill + ``max_len`` concepts, results fetched to the host); medians over rounds, one device.
+
+Printed per config (one line):
+  * concepts/s: ``batch * max_len`` / generation time; ms/concept is its inverse; ms/step is the
+    time per concept step (one new concept for every row), i.e. generation time / ``max_len``;
+  * Two-Tower: denoiser evaluations/s = concepts/s x visited timesteps x halves (2 with
+    guidance): one evaluation = one query through the denoiser;
+  * GFLOP/concept: model FLOPs of the whole call (prefill included) / generated concepts, counted
+    as :func:`generation_flops` says (forward only: 2 x matmul parameters per row processed plus
+    the attention score and value products over every cache slot the dense kernel reads);
+  * model GFLOP/s, the plain-matmul GFLOP/s measured in the same run and their ratio (median
+    rates; per-round min..max of the ratio), as in benchmarks/train_step.py. The matmul is the
+    train-step reference ((R x d) @ (d x d) + (R x d) @ (d x ffn), R = the config's
+    batch x seq_len rows, compute dtype) unless ``--matmul_rows`` is given. Decoding runs on a
+    few rows at a time, so the ratio is expected to be far below the train step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_CONFIGS = ("configs/mse_1b6.py:tiny", "configs/two_tower_1b6.py:tiny",
+                   "configs/mse_1b6.py:bench", "configs/two_tower_1b6.py:bench")
+
+
+def generation_flops(cfg, batch: int, prompt_len: int, max_len: int, visited: int = 0,
+                     halves: int = 1) -> int:
+  """Model FLOPs of one Generator call: ``batch`` prompts of ``prompt_len``, ``max_len`` each.
+
+  Forward only, 2 FLOPs per multiply-add; biases, norms, activations, RoPE, softmax, the
+  sampler's and AdaLN's element-wise maths not counted. ``slots = prompt_len + max_len`` is the
+  KV cache length; attention counts ``2 * keys * (num_heads * head_dim)`` FLOPs for each of the
+  score and value products per query and layer with ``keys`` = every cache slot (what the dense
+  kernel computes, masked or not).
+
+  ``base_lcm``: ``prompt_len`` prefill positions + ``max_len - 1`` fed-back concepts, each through
+  pre-net, all layers and post-net (``matmul_param_count``) with ``keys = slots``.
+
+  ``two_tower_diffusion_lcm`` (``visited`` DDIM timesteps, ``halves`` = 2 with guidance):
+    * contextualizer (``pre_linear`` + layers, ``keys = slots``) on the same
+      ``prompt_len + max_len - 1`` positions; the denoiser's cross-attention k/v projections
+      on ``prompt_len + max_len`` context rows (the zero slot included);
+    * per generated concept, ``visited`` denoiser calls of ``halves`` queries each:
+      ``initial_proj``, per layer the self-attention v/output projections (identity-mask
+      shortcut), the cross-attention q/output projections and the products against
+      ``keys = slots + 1``, the SwiGLU FFN, and ``final_proj``; plus the timestep embedding and
+      every layer's Linear(d, 9d) modulator: per query when a call has fewer than T queries
+      (``batch * halves < T``), else once on the (T, d) table per call (the model's shortcut 2).
+  """
+  d, s, f = cfg.model_dim, cfg.sonar_embed_dim, cfg.swiglu_inner_dim
+  inner = cfg.num_heads * cfg.head_dim
+  slots = prompt_len + max_len
+  body = cfg.num_layers * (4 * d * inner + 3 * d * f)
+  attention = 2 * 2 * slots * inner * cfg.num_layers
+  positions = prompt_len + max_len - 1
+  if cfg.family == "base_lcm":
+    return batch * positions * (2 * (s * d + body + d * s) + attention)
+  if cfg.family != "two_tower_diffusion_lcm":
+    raise NotImplementedError(f"generation_flops: unknown family {cfg.family!r}")
+  n_den, num_t = cfg.denoiser_num_layers, cfg.num_diffusion_train_steps
+  context = batch * positions * (2 * (s * d + body) + attention)
+  cross_kv = batch * slots * 2 * n_den * 2 * d * inner
+  query = 2 * (s * d + n_den * (4 * d * inner + 3 * d * f) + d * s)
+  query += 2 * 2 * (slots + 1) * inner * n_den
+  time_table = 2 * (cfg.timestep_embed_dim * d + d * d + n_den * d * 9 * d)
+  queries = batch * halves
+  per_call = queries * query + (time_table * num_t if queries >= num_t else time_table * queries)
+  return context + cross_kv + max_len * visited * per_call
+
+
+def bench_one(spec: str, args: argparse.Namespace) -> str:
+  """Times generation for one config; returns its result line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lcm_jax import diffusion, generate, sharding, train  # pylint: disable=g-import-not-at-top
+
+  config = common.load_config(spec, args.set)
+  s = train.setup(config, devices=jax.devices()[:1])
+  state = train.init_state(s)
+  variables = {"params": state["params"], "buffers": state["buffers"]}
+  del state  # the optimizer state is not needed
+  cfg = s.model_cfg
+  two_tower = cfg.family == "two_tower_diffusion_lcm"
+  sampler = diffusion.SamplerConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale)
+  visited, halves = 0, 1
+  if two_tower:
+    sampler.validate(cfg.num_diffusion_train_steps)
+    visited = len(diffusion.ddim_timesteps(cfg.num_diffusion_train_steps, sampler.num_steps,
+                                           sampler.timestep_spacing))
+    halves = 2 if sampler.guidance_scale != 1.0 else 1
+  gen_cfg = generate.GenerationConfig(max_len=args.max_len, min_len=args.max_len,
+                                      repetition_threshold=None)
+  generator = generate.Generator(s.model, gen_cfg, sampler=sampler, eot_vector=None)
+  rng = np.random.default_rng(0)
+  prompts = jnp.asarray(rng.standard_normal((args.batch, args.prompt_len, cfg.sonar_embed_dim),
+                                            dtype=np.float32))
+  lengths = jnp.full((args.batch,), args.prompt_len, jnp.int32)
+  key = jax.random.PRNGKey(0)
+
+  def run():
+    with sharding.activate(s.mesh):
+      return generator(variables, prompts, lengths, rng=key)
+
+  t0 = time.perf_counter()
+  result = run()
+  compile_s = time.perf_counter() - t0
+  if not np.all(result.lengths == args.max_len):
+    raise RuntimeError(f"{spec}: rows stopped early: lengths {result.lengths}, reasons "
+                       f"{result.reason_names()}")
+  rows = args.matmul_rows or config.data.global_batch_size * config.data.seq_len
+  matmul = common.MatmulReference(cfg, rows, rng)
+  gen_times, mm_times = common.interleaved_rounds(args.rounds, run, 1, matmul, args.matmul_iters,
+                                                  model_warmup=False)
+  flops = generation_flops(cfg, args.batch, args.prompt_len, args.max_len, visited, halves)
+  gt, mt = statistics.median(gen_times), statistics.median(mm_times)
+  concepts = args.batch * args.max_len
+  rate, mm_rate = flops / gt, matmul.flops / mt
+  lo, hi = common.ratio_range(flops, gen_times, matmul.flops, mm_times)
+  evals = f"{concepts * visited * halves / gt:>10,.0f}" if two_tower else f"{'-':>10}"
+  return (f"{spec:31} {concepts / gt:>10,.1f} {1e3 * gt / concepts:>9.3f} "
+          f"{1e3 * gt / args.max_len:>9.1f} {evals} {flops / concepts / 1e9:>11.4f} "
+          f"{rate / 1e9:>8.2f} {mm_rate / 1e9:>8.1f} {rate / mm_rate:>7.4f} "
+          f"({lo:.4f}..{hi:.4f})  {compile_s:.1f} s  [matmul rows {rows}]")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                      help="comma-separated config files[:variant] (default: the 4 above)")
+  parser.add_argument("--batch", type=int, default=8,
+                      help="prompts generated together (default %(default)s)")
+  parser.add_argument("--prompt_len", type=int, default=16,
+                      help="concepts per prompt (default %(default)s)")
+  parser.add_argument("--max_len", type=int, default=16,
+                      help="concepts generated per prompt, all of them (default %(default)s)")
+  parser.add_argument("--num_steps", type=int, default=40,
+                      help="Two-Tower: requested DDIM steps (default %(default)s)")
+  parser.add_argument("--guidance_scale", type=float, default=3.0,
+                      help="Two-Tower: classifier-free guidance scale; 1 = conditional half only "
+                      "(default %(default)s)")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="timed generation calls, interleaved with the matmul; medians "
+                      "reported (default %(default)s)")
+  parser.add_argument("--matmul_iters", type=int, default=12,
+                      help="plain matmuls timed per round (default %(default)s)")
+  parser.add_argument("--matmul_rows", type=int, default=0,
+                      help="rows R of the matmul reference; 0 = the config's batch x seq_len, as "
+                      "in train_step.py (default %(default)s)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override FIELD=VALUE applied to every config, repeatable")
+  args = parser.parse_args()
+  for name in ("batch", "prompt_len", "max_len", "rounds", "matmul_iters"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+  if args.matmul_rows < 0:
+    parser.error(f"--matmul_rows: expected >= 0, got {args.matmul_rows}")
+
+  import jax  # pylint: disable=g-import-not-at-top
+  print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}); batch {args.batch} x "
+        f"prompt {args.prompt_len} -> {args.max_len} concepts per row; Two-Tower: {args.num_steps} "
+        f"DDIM steps, guidance {args.guidance_scale}; medians of {args.rounds} rounds")
+  print(f"{'config':31} {'concepts/s':>10} {'ms/concept':>9} {'ms/step':>9} {'den.eval/s':>10} "
+        f"{'GFLOP/conc':>11} {'GFLOP/s':>8} {'mm GF/s':>8} {'ratio':>7} (per-round)  compile")
+  for spec in args.configs.split(","):
+    print(bench_one(spec.strip(), args), flush=True)
+
+
+if __name__ == "__main__":
+  main()
