@@ -142,6 +142,15 @@ def dense(features: int, axes: tuple[str, str], *, kernel_init: Initializer,
       dot_general=_dense_dot_general, name=name)
 
 
+def torch_default_dense(cfg: ModelConfig, features: int, fan_in: int, axes: tuple[str, str],
+                        name: str) -> nn.Dense:
+  """A biased Linear with torch's default init (kaiming-uniform kernel, U(+-1/sqrt(fan_in))
+  bias), in ``cfg``'s compute/param dtypes: the reference's pre/post projections."""
+  return dense(features, axes, kernel_init=torch_linear_kernel_init(),
+               bias_init=torch_linear_bias_init(fan_in), dtype=cfg.compute_dtype(),
+               param_dtype=cfg.parameter_dtype(), name=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
 
@@ -330,6 +339,10 @@ class Attention(nn.Module):
     if rope is not None:
       q = apply_rope(q, rope)
       k = apply_rope(k, rope if kv_rope is None else kv_rope)
+    return self._attend(q, k, v, mask)
+
+  def _attend(self, q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+    """Heads (B, L, H, D) -> attention -> merged heads -> ``output_proj``."""
     out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
     out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
     return self.output_proj(out)
@@ -351,9 +364,7 @@ class Attention(nn.Module):
     new_cache = {
         "k": nn.with_logical_constraint(update_cache(cache["k"], k, cache_index), BLHD),
         "v": nn.with_logical_constraint(update_cache(cache["v"], v, cache_index), BLHD)}
-    out = dot_product_attention(q, new_cache["k"], new_cache["v"], mask, dtype=self.dtype)
-    out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
-    return self.output_proj(out), new_cache
+    return self._attend(q, new_cache["k"], new_cache["v"], mask), new_cache
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,10 +53,8 @@ class Frontend(nn.Module):
     """Returns (hidden (B, L, model_dim), normalized inputs (B, L, sonar) float32)."""
     cfg = self.config
     normalized = SonarNormalizer(cfg.sonar_embed_dim, name="sonar_normalizer")(embeddings)
-    hidden = layers.dense(
-        cfg.model_dim, ("sonar", "embed"), kernel_init=layers.torch_linear_kernel_init(),
-        bias_init=layers.torch_linear_bias_init(cfg.sonar_embed_dim), dtype=cfg.compute_dtype(),
-        param_dtype=cfg.parameter_dtype(), name="pre_linear")(normalized)
+    hidden = layers.torch_default_dense(cfg, cfg.model_dim, cfg.sonar_embed_dim,
+                                        ("sonar", "embed"), "pre_linear")(normalized)
     return hidden, normalized
 
 
@@ -68,10 +66,8 @@ class PostNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    return layers.dense(
-        cfg.sonar_embed_dim, ("embed", "sonar"), kernel_init=layers.torch_linear_kernel_init(),
-        bias_init=layers.torch_linear_bias_init(cfg.model_dim), dtype=cfg.compute_dtype(),
-        param_dtype=cfg.parameter_dtype(), name="fc")(x)
+    return layers.torch_default_dense(cfg, cfg.sonar_embed_dim, cfg.model_dim,
+                                      ("embed", "sonar"), "fc")(x)
 
 
 class BaseLCM(nn.Module):

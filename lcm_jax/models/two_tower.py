@@ -109,14 +109,6 @@ def timestep_features(timesteps: Array, dim: int, max_period: float = 10000.0) -
 # ----------------------------------------------------------------------------------------------
 # Small modules
 
-def _torch_default_dense(cfg: ModelConfig, features: int, fan_in: int, axes: tuple[str, str],
-                         name: str) -> nn.Dense:
-  """A biased Linear with torch's default (kaiming-uniform) init, as the reference projections."""
-  return layers.dense(features, axes, kernel_init=layers.torch_linear_kernel_init(),
-                      bias_init=layers.torch_linear_bias_init(fan_in), dtype=cfg.compute_dtype(),
-                      param_dtype=cfg.parameter_dtype(), name=name)
-
-
 class EncoderFrontend(nn.Module):
   """``pre_linear``: normalized sonar -> model_dim, bias, torch kaiming-uniform init."""
 
@@ -125,7 +117,7 @@ class EncoderFrontend(nn.Module):
   @nn.compact
   def __call__(self, normalized: Array) -> Array:
     cfg = self.config
-    return _torch_default_dense(cfg, cfg.model_dim, cfg.sonar_embed_dim, ("sonar", "embed"),
+    return layers.torch_default_dense(cfg, cfg.model_dim, cfg.sonar_embed_dim, ("sonar", "embed"),
                                 "pre_linear")(normalized)
 
 
@@ -138,7 +130,7 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _torch_default_dense(self.config, self.features, x.shape[-1], self.axes, "fc")(x)
+    return layers.torch_default_dense(self.config, self.features, x.shape[-1], self.axes, "fc")(x)
 
 
 class TimestepEmbedder(nn.Module):
