@@ -1,0 +1,282 @@
+"""Fit the SONAR normalizer over a weighted mix of embedding datasets.
+
+Run:
+  python -m data_prep.fit_normalizer --data=data/wiki:3 --data=data/books:1 \\
+      --max_samples=1000000 --out=data/wiki/normalizer.npz --exclude_last --set_manifest
+  python -m data_prep.fit_normalizer --help
+
+Samples concept vectors from the datasets (``DIR[:WEIGHT]``, each an lcm_jax dataset: shards +
+``manifest.json``) in proportion to their weights with :func:`lcm_jax.normalizer.sample_embeddings`
+and fits the reference normalizer on that sample with :func:`lcm_jax.normalizer.fit_robust_scaler`:
+sklearn's ``RobustScaler(unit_variance=True, quantile_range=(0.25, 0.75))`` (LCM_SPEC section 2;
+the range is in PERCENT), optionally with per-dimension clipping bounds at quantiles of the
+normalized sample (``--clip`` for the reference's 1e-4 / 1-1e-4, or ``--clip_quantiles``). The
+sample is a deterministic function of the datasets, weights, ``--max_samples``, ``--seed`` and
+``--exclude_last``. When a dataset holds fewer concepts than its share, every share shrinks by the
+same factor (the proportions hold; the sample is smaller than ``--max_samples``).
+
+The normalizer file (``.npz``, see :mod:`lcm_jax.normalizer`) is written atomically: on any error
+nothing is left behind. ``--set_manifest`` then records the file's name in the ``normalizer`` field
+of the manifest of every ``--data`` directory that holds the file, which is where training looks
+when ``config.data.normalizer`` is empty (:func:`lcm_jax.data.resolve_normalizer_path`).
+
+A user error (a missing or malformed dataset, a bad weight, datasets of different dims, a bad flag)
+prints one ``error: ...`` line naming the directory or file and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, NoReturn, Sequence
+
+import numpy as np
+
+from lcm_jax import normalizer as normalizer_lib
+from lcm_jax import schema
+
+TOOL = "data_prep.fit_normalizer"
+DEFAULT_MAX_SAMPLES = 1_000_000
+
+
+class UsageError(ValueError):
+  """A bad flag or dataset: reported as one ``error:`` line, exit status 2."""
+
+
+def parse_data_arg(text: str) -> tuple[str, float]:
+  """``"DIR"`` -> ``(DIR, 1.0)``; ``"DIR:WEIGHT"`` -> ``(DIR, WEIGHT)``; weight finite and > 0."""
+  head, sep, tail = text.rpartition(":")
+  if not sep:
+    return text, 1.0
+  try:
+    weight = float(tail)
+  except ValueError:
+    if os.path.isdir(text):  # A directory whose name holds a colon.
+      return text, 1.0
+    raise UsageError(f"--data {text}: dataset {head}: weight {tail!r} is not a number "
+                     "(use DIR or DIR:WEIGHT)") from None
+  if not head:
+    raise UsageError(f"--data {text}: missing the dataset directory before ':'")
+  if not math.isfinite(weight) or weight <= 0:
+    raise UsageError(f"--data {text}: dataset {head}: weight must be finite and > 0, got {tail}")
+  return head, weight
+
+
+def parse_clip_quantiles(text: str) -> tuple[float, float]:
+  """``"1e-4,0.9999"`` -> ``(1e-4, 0.9999)``: fractions with ``0 <= lo < hi <= 1``."""
+  parts = text.split(",")
+  try:
+    lo, hi = (float(p) for p in parts)
+  except ValueError:
+    raise UsageError(f"--clip_quantiles {text!r}: expected two numbers LO,HI such as "
+                     "1e-4,0.9999") from None
+  if not 0.0 <= lo < hi <= 1.0:
+    raise UsageError(f"--clip_quantiles {text!r}: need 0 <= LO < HI <= 1 (fractions, not percent)")
+  return lo, hi
+
+
+def planned_counts(manifests: Sequence[dict[str, Any]], weights: Sequence[float], max_samples: int,
+                   exclude_last: bool) -> tuple[np.ndarray, np.ndarray]:
+  """``(samples per dataset, eligible concepts per dataset)`` that ``sample_embeddings`` draws.
+
+  Mirrors the allocation of :func:`lcm_jax.normalizer.sample_embeddings` (its proportional split
+  and its shrinking when a dataset is too small) for the summary; :func:`fit` checks that the
+  counts add up to the sample it got.
+  """
+  w = np.asarray(weights, np.float64)
+  # pylint: disable=protected-access
+  sizes = np.array([normalizer_lib._num_eligible(m, exclude_last) for m in manifests], np.int64)
+  total = int(max_samples)
+  for i in np.flatnonzero(w > 0):
+    total = min(total, int(np.floor(sizes[i] * w.sum() / w[i] + 1e-9)))
+  counts = normalizer_lib._allocate(total, w)
+  # pylint: enable=protected-access
+  return np.minimum(counts, sizes), sizes
+
+
+def _check_datasets(data: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+  """Reads every manifest; raises UsageError naming the directory on any problem."""
+  seen: dict[str, str] = {}
+  manifests = []
+  for path, _ in data:
+    key = os.path.realpath(path)
+    if key in seen:
+      raise UsageError(f"--data {path}: the same dataset as --data {seen[key]} (give it once, "
+                       "with the sum of the weights)")
+    seen[key] = path
+    try:
+      manifests.append(schema.read_manifest(path))
+    except schema.ShardFormatError as e:
+      raise UsageError(str(e)) from None
+  dims = {int(m["dim"]) for m in manifests}
+  if len(dims) > 1:
+    detail = ", ".join(f"{p} has dim {m['dim']}" for (p, _), m in zip(data, manifests))
+    raise UsageError(f"--data: datasets of different dims cannot share a normalizer ({detail})")
+  return manifests
+
+
+def _manifest_dirs_holding(out: str, data: Sequence[tuple[str, float]]) -> list[str]:
+  """The ``--data`` dirs that ``out`` lives in (directly)."""
+  parent = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+  return [p for p, _ in data if os.path.realpath(p) == parent]
+
+
+def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAULT_MAX_SAMPLES,
+        seed: int = 0, clip_quantiles: tuple[float, float] | None = None,
+        exclude_last: bool = False, compute_dtype: str = "float64", set_manifest: bool = False,
+        verbose: bool = True) -> normalizer_lib.Normalizer:
+  """Samples, fits and writes the normalizer to ``out``; returns it.
+
+  Args:
+    data: ``[(dataset_dir, weight), ...]``.
+    out: the normalizer file to write (atomically); its directory is created if missing.
+    max_samples: upper bound on the number of sampled concept vectors.
+    seed: sampling seed.
+    clip_quantiles: ``(lo, hi)`` fractions for ``clip_min``/``clip_max``, or None for no clipping.
+    exclude_last: leave every document's last concept (its end-of-text marker) out of the sample.
+    compute_dtype: ``"float64"`` (most accurate) or ``"float32"`` (the reference's own precision).
+    set_manifest: write ``basename(out)`` into the ``normalizer`` field of the manifest of every
+      dataset directory that holds ``out`` (at least one must).
+    verbose: print the summary.
+
+  Raises:
+    UsageError: naming the directory, file or flag; nothing has been written then.
+  """
+  log = (lambda msg: print(f"[{TOOL}] {msg}", flush=True)) if verbose else (lambda msg: None)
+  t0 = time.time()
+  if not data:
+    raise UsageError("--data: give at least one dataset directory")
+  if max_samples < 1:
+    raise UsageError(f"--max_samples must be >= 1, got {max_samples}")
+  if compute_dtype not in ("float64", "float32"):
+    raise UsageError(f"--compute_dtype must be float64 or float32, got {compute_dtype!r}")
+  if os.path.isdir(out):
+    raise UsageError(f"--out {out}: is a directory; give a file name such as "
+                     f"{os.path.join(out, normalizer_lib.NORMALIZER_NAME)}")
+  manifests = _check_datasets(data)
+  holders = _manifest_dirs_holding(out, data)
+  if set_manifest and not holders:
+    raise UsageError(f"--set_manifest: --out {out} is not inside any --data directory; a "
+                     "manifest's 'normalizer' field names a file in the dataset's own directory")
+
+  weights = [w for _, w in data]
+  counts, sizes = planned_counts(manifests, weights, max_samples, exclude_last)
+  try:
+    x = normalizer_lib.sample_embeddings(list(data), max_samples, seed, exclude_last=exclude_last)
+  except ValueError as e:  # schema.ShardFormatError included: names the shard and the field
+    raise UsageError(str(e)) from None
+  t_sample = time.time() - t0
+  if len(x) == 0:
+    raise UsageError("--data: the datasets hold no concepts to sample")
+  norm = normalizer_lib.fit_robust_scaler(x, clip_quantiles=clip_quantiles,
+                                          compute_dtype=np.dtype(compute_dtype))
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  norm.save(out)
+  updated = []
+  if set_manifest:
+    for d in holders:
+      path = os.path.join(d, schema.MANIFEST_NAME)
+      with open(path) as f:
+        manifest = json.load(f)
+      old = manifest.get("normalizer")
+      manifest["normalizer"] = os.path.basename(out)
+      schema.write_json_atomic(path, manifest)
+      updated.append((path, old))
+
+  total_w = sum(weights)
+  per_dataset = int(counts.sum()) == len(x)
+  what = "concepts, end-of-text excluded" if exclude_last else "concepts"
+  for (d, w), c, n in zip(data, counts, sizes):
+    got = f"{int(c)} samples" if per_dataset else "samples"
+    log(f"{d}: weight {w:g} ({100 * w / total_w:.1f}%), {got} of {int(n)} {what}")
+  if len(x) < max_samples:
+    log(f"note: {len(x)} samples < --max_samples {max_samples}: the datasets hold too few "
+        "concepts for the weighted shares (every share shrank by the same factor)")
+  clip = (f", clip at quantiles {norm.clip_quantiles[0]:g}..{norm.clip_quantiles[1]:g}"
+          if norm.has_clipping else "")
+  log(f"fitted on {len(x)} x {x.shape[1]} ({compute_dtype}, quantile_range "
+      f"{norm.quantile_range} percent{clip}): mean scale {float(norm.scale.mean()):.4g}, mean "
+      f"|center| {float(np.abs(norm.center).mean()):.4g}; sampling {t_sample:.1f} s, total "
+      f"{time.time() - t0:.1f} s -> {out}")
+  for path, old in updated:
+    log(f"{path}: field 'normalizer' {old!r} -> {os.path.basename(out)!r}")
+  not_updated = [d for d, _ in data if d not in holders]
+  if set_manifest and not_updated:
+    log(f"manifest not changed for {', '.join(not_updated)} (--out is not in that directory)")
+  return norm
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad command line as one ``error:`` line (exit status 2), like every other error."""
+
+  def error(self, message: str) -> NoReturn:
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(
+      prog=f"python -m {TOOL}",
+      description="Fit the SONAR normalizer (sklearn RobustScaler(unit_variance=True, "
+                  "quantile_range=(0.25, 0.75)), optionally with clipping) on concept vectors "
+                  "sampled from a weighted mix of lcm_jax embedding datasets.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--data", action="append", required=True, metavar="DIR[:WEIGHT]",
+                 help="an lcm_jax dataset directory (manifest.json + shards), with an optional "
+                      "sampling weight (default 1); repeat for a mix. Shares are proportional to "
+                      "the weights")
+  p.add_argument("--out", required=True,
+                 help="normalizer file to write (.npz), e.g. DIR/normalizer.npz")
+  p.add_argument("--max_samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                 help="number of concept vectors to sample in total (fewer if the datasets are "
+                      "too small for the weighted shares)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  clip = p.add_mutually_exclusive_group()
+  clip.add_argument("--clip", action="store_true",
+                    help="also store clip_min/clip_max at the reference's quantiles "
+                         f"{normalizer_lib.DEFAULT_CLIP_QUANTILES[0]:g},"
+                         f"{normalizer_lib.DEFAULT_CLIP_QUANTILES[1]:g} of the normalized sample")
+  clip.add_argument("--clip_quantiles", metavar="LO,HI", default=None,
+                    help="store clip_min/clip_max at these quantiles (fractions) of the "
+                         "normalized sample, e.g. 1e-4,0.9999")
+  p.add_argument("--exclude_last", action="store_true",
+                 help="leave each document's last concept (the end-of-text marker) out of the "
+                      "sample: many copies of one vector can pin the tail quantiles of a dim")
+  p.add_argument("--compute_dtype", choices=("float64", "float32"), default="float64",
+                 help="precision of the fit (float32 = the reference's own; the file stores "
+                      "float32 either way)")
+  p.add_argument("--set_manifest", action="store_true",
+                 help="write the file name into the 'normalizer' field of the manifest of each "
+                      "--data directory that holds --out (training uses it when "
+                      "config.data.normalizer is empty)")
+  return p
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status (2 on a user error)."""
+  a = _parser().parse_args(argv)
+  try:
+    data = [parse_data_arg(d) for d in a.data]
+    clip: tuple[float, float] | None = None
+    if a.clip:
+      clip = normalizer_lib.DEFAULT_CLIP_QUANTILES
+    elif a.clip_quantiles is not None:
+      clip = parse_clip_quantiles(a.clip_quantiles)
+    fit(data, a.out, max_samples=a.max_samples, seed=a.seed, clip_quantiles=clip,
+        exclude_last=a.exclude_last, compute_dtype=a.compute_dtype, set_manifest=a.set_manifest)
+  except UsageError as e:
+    _fail(str(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
