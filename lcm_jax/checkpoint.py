@@ -78,11 +78,19 @@ class Checkpointer:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
     with ocp.PyTreeCheckpointer() as ckptr:
       try:
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
             item=abstract_weights, restore_args=restore_args, partial_restore=True))
       except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot restore params/buffers for this model config "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
+    # partial_restore hands back the abstract leaf for a key the checkpoint does not have.
+    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    missing = [jax.tree_util.keystr(p) for p, x in leaves if isinstance(x, jax.ShapeDtypeStruct)]
+    if missing:
+      raise CheckpointError(f"{path}: cannot restore params/buffers for this model config: the "
+                            f"checkpoint has no {', '.join(missing[:3])}"
+                            f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}")
+    return restored
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
