@@ -84,6 +84,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lcm_jax import normalizer as normalizer_lib
+from lcm_jax import schema
 
 DEFAULT_MODEL = "sat-3l"
 HUB_PREFIX = "segment-any-text"
@@ -547,22 +548,10 @@ def build_tiny_sat(out_dir: str, seed: int = 0, overwrite: bool = False) -> dict
       model.classifier.bias.fill_(round(_TINY_LOGIT_MEAN - float(wh.mean()) * scale, 3))
     model.save_pretrained(os.path.join(tmp, "model"))
     normalizer_lib.apply_umask_permissions(tmp)
-    _move_into_place(tmp, out_dir)
+    schema.move_dir_into_place(tmp, out_dir)
     tmp = None
   finally:
     if tmp is not None and os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return {"model": os.path.join(out_dir, "model"), "tokenizer": os.path.join(out_dir, "tokenizer")}
 
-
-def _move_into_place(tmp: str, out: str) -> None:
-  """Renames the finished temporary directory to ``out`` (replacing what is there)."""
-  if os.path.isdir(out) and not os.listdir(out):
-    os.rmdir(out)
-  elif os.path.exists(out):
-    trash = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out)}-", dir=os.path.dirname(out))
-    os.rename(out, os.path.join(trash, "old"))
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-    return
-  os.rename(tmp, out)

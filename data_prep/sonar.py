@@ -103,6 +103,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from lcm_jax import normalizer as normalizer_lib
+from lcm_jax import schema
+
 if TYPE_CHECKING:
   import torch
   from fairseq2.assets import AssetCard
@@ -770,8 +773,8 @@ def build_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim"
     with open(os.path.join(tmp, TINY_INFO_FILE), "w", encoding="utf-8") as f:
       json.dump(info, f, indent=2)
       f.write("\n")
-    _apply_umask(tmp)
-    _move_into_place(tmp, out, overwrite)
+    normalizer_lib.apply_umask_permissions(tmp)
+    schema.move_dir_into_place(tmp, out, overwrite)
     tmp = None
   finally:
     if tmp is not None and os.path.exists(tmp):
@@ -802,25 +805,3 @@ def ensure_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim
                      f"dim {info.get('dim')}; expected seed {seed}, dim {dim}")
   return paths
 
-
-def _apply_umask(path: str) -> None:
-  """Gives ``path`` and its files the modes a plain ``open``/``mkdir`` would (mkdtemp: 0700)."""
-  umask = os.umask(0)
-  os.umask(umask)
-  for p in [path] + [os.path.join(path, n) for n in os.listdir(path)]:
-    os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~umask)
-
-
-def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
-  """Renames the finished temporary directory to ``out`` (replacing it if ``overwrite``)."""
-  if os.path.isdir(out) and not os.listdir(out):
-    os.rmdir(out)
-  elif os.path.exists(out):
-    if not overwrite:
-      raise ValueError(f"{out} appeared while building (pass overwrite=True to replace it)")
-    trash = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out)}-", dir=os.path.dirname(out))
-    os.rename(out, os.path.join(trash, "old"))
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-    return
-  os.rename(tmp, out)

@@ -347,7 +347,7 @@ def generate(out: str, num_docs: int = DEFAULTS["num_docs"], dim: int = DEFAULTS
         producer={"tool": TOOL, "args": args, "process": PROCESS_NAME})
     schema.write_manifest(tmp, manifest)
     normalizer_lib.apply_umask_permissions(tmp)
-    _move_into_place(tmp, out, overwrite)
+    schema.move_dir_into_place(tmp, out, overwrite)
     tmp = None
   finally:
     if tmp is not None and os.path.exists(tmp):
@@ -357,19 +357,6 @@ def generate(out: str, num_docs: int = DEFAULTS["num_docs"], dim: int = DEFAULTS
   return manifest
 
 
-def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
-  """Renames the finished temporary directory to ``out``."""
-  if os.path.isdir(out) and not os.listdir(out):
-    os.rmdir(out)
-  elif os.path.exists(out):
-    if not overwrite:
-      raise ValueError(f"--out {out} appeared while generating (pass --overwrite to replace it)")
-    trash = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out)}-", dir=os.path.dirname(out))
-    os.rename(out, os.path.join(trash, "old"))
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-    return
-  os.rename(tmp, out)
 
 
 def _summary(out: str, manifest: dict[str, Any], process: Process,

@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import struct
 import tempfile
 from typing import Any, Iterable, Sequence
@@ -230,6 +231,23 @@ def write_json_atomic(path: str, obj: Any) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def move_dir_into_place(tmp: str, out: str, overwrite: bool = True) -> None:
+  """Renames a finished temporary directory ``tmp`` to ``out``: the last step of every tool that
+  builds a directory privately so that a failure leaves nothing half-written. An empty ``out`` is
+  replaced; a non-empty one only with ``overwrite`` (ValueError otherwise)."""
+  if os.path.isdir(out) and not os.listdir(out):
+    os.rmdir(out)
+  elif os.path.exists(out):
+    if not overwrite:
+      raise ValueError(f"{out} appeared while it was being built (overwrite to replace it)")
+    trash = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out)}-", dir=os.path.dirname(out))
+    os.rename(out, os.path.join(trash, "old"))
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+    return
+  os.rename(tmp, out)
 
 
 def make_manifest(*, dim: int, dtype: str, shards: Sequence[dict[str, Any]], producer: dict[str, Any],

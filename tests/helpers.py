@@ -122,3 +122,22 @@ def main_cmd(workdir, data_dir, *overrides, config="configs/mse_1b6.py:tiny"):
           f"--workdir={workdir}",
           f"--config.data.train={data_dir}",
           "--config.data.generate_synthetic_if_missing=False", *overrides]
+
+
+
+def perturbed_variables(variables, seed, scale=0.05):
+  """Unboxed variables with every param jittered by ``scale * N(0, 1)`` (zero-initialised AdaLN
+  modulators included, so every input path matters) and a non-trivial normalizer."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = nn.meta.unbox(variables["params"])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  dim = jax.tree.leaves(variables["buffers"])[0].shape[-1]
+  rng = np.random.default_rng(seed)
+  center = jnp.asarray(rng.normal(size=dim) * 0.3, jnp.float32)
+  scale_ = jnp.asarray(rng.uniform(0.5, 2.0, size=dim), jnp.float32)
+  buffers = jax.tree_util.tree_map_with_path(
+      lambda p, x: center if p[-1].key == "center" else scale_, variables["buffers"])
+  return {"params": jax.tree.unflatten(treedef, leaves), "buffers": buffers}

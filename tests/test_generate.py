@@ -16,6 +16,7 @@ import pytest
 from lcm_jax import generate as gen_lib
 from lcm_jax import layers
 from lcm_jax.models.config import ModelConfig
+from tests import helpers
 from tests.helpers import ROOT, main_cmd, run_cli
 
 DIM = 16
@@ -30,20 +31,6 @@ def _cfg(**kw) -> ModelConfig:
   return ModelConfig(**base)
 
 
-def _perturbed(variables, seed, scale=0.05):
-  """Unboxed variables with every param jittered (zero-initialised AdaLN modulators included, so
-  every input path matters) and a non-trivial normalizer."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  params = nn.meta.unbox(variables["params"])
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  rng = np.random.default_rng(seed)
-  center = jnp.asarray(rng.normal(size=DIM) * 0.3, jnp.float32)
-  scale_ = jnp.asarray(rng.uniform(0.5, 2.0, size=DIM), jnp.float32)
-  buffers = jax.tree_util.tree_map_with_path(
-      lambda p, x: center if p[-1].key == "center" else scale_, variables["buffers"])
-  return {"params": jax.tree.unflatten(treedef, leaves), "buffers": buffers}
 
 
 def _prompts(seed=0, lengths=PROMPT_LENGTHS):
@@ -127,7 +114,7 @@ def base_lcm():
   model = BaseLCM(cfg)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, DIM)), jnp.ones((1, 4), jnp.int32),
                  jnp.arange(4)[None])
-  return model, _perturbed(v, 1)
+  return model, helpers.perturbed_variables(v, 1)
 
 
 def _base_full_predictions(model, variables, prompts, outputs, steps, rng, temperature):
@@ -267,7 +254,7 @@ def two_tower():
   model = TwoTowerLCM(cfg)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, DIM)), jnp.ones((1, 4), jnp.int32),
                  jnp.arange(4)[None])
-  return model, _perturbed(v, 2)
+  return model, helpers.perturbed_variables(v, 2)
 
 
 @pytest.mark.parametrize("guidance_scale", [3.0, 1.0])

@@ -45,17 +45,6 @@ def _cfg(family: str) -> ModelConfig:
                      ffn_inner_dim=96, sonar_embed_dim=DIM, dropout=0.0, dtype="float32")
 
 
-def _perturbed(variables, seed, scale=0.05):
-  params = nn.meta.unbox(variables["params"])
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  rng = np.random.default_rng(seed)
-  center = jnp.asarray(rng.normal(size=DIM) * 0.3, jnp.float32)
-  scale_ = jnp.asarray(rng.uniform(0.5, 2.0, size=DIM), jnp.float32)
-  buffers = jax.tree_util.tree_map_with_path(
-      lambda p, x: center if p[-1].key == "center" else scale_, variables["buffers"])
-  return {"params": jax.tree.unflatten(treedef, leaves), "buffers": buffers}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -66,7 +55,7 @@ def pair(request, tmp_path_factory):
   model = BaseLCM(cfg) if family == "base_lcm" else TwoTowerLCM(cfg)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, DIM)), jnp.ones((1, 4), jnp.int32),
                  jnp.arange(4)[None])
-  v = _perturbed(v, 1 if family == "base_lcm" else 2)
+  v = helpers.perturbed_variables(v, 1 if family == "base_lcm" else 2)
   out = str(tmp_path_factory.mktemp("torch") / family)
   export.export_weights(v["params"], v["buffers"], cfg, out)
   return model, v, torch_models.load_from_card(os.path.join(out, "model_card.yaml")), out
