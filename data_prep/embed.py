@@ -241,9 +241,14 @@ class DocumentBuilder:
     return self._constants[sentence]
 
   def _segment(self, texts: list[str]) -> list[list[str]]:
-    out: list[list[str]] = []
-    for i in range(0, len(texts), self.segment_batch):
-      out.extend(self.segmenter.segment(texts[i:i + self.segment_batch]))
+    # SaT pads every text of a call to the longest one: batch texts of similar length together
+    # (a stable sort, so the batches, and the output, are a deterministic function of the shard).
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[list[str]] = [[] for _ in texts]
+    for i in range(0, len(order), self.segment_batch):
+      idx = order[i:i + self.segment_batch]
+      for j, sents in zip(idx, self.segmenter.segment([texts[j] for j in idx])):
+        out[j] = sents
     return out
 
   def build(self, raw_docs: Sequence[Any], stats: Stats) -> list[schema.Document]:
