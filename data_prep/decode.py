@@ -42,11 +42,12 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from lcm_jax import schema
 
 from data_prep import sonar
 
@@ -173,22 +174,12 @@ def to_records(inp: DecodeInput, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 def write_jsonl_atomic(path: str, records: Sequence[dict[str, Any]]) -> str:
   """Writes one JSON object per line to ``path`` via a temporary file in the same directory."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def write(f: Any) -> None:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  return schema.write_file_atomic(path, write, suffix=".jsonl")
 
 
 def _log(msg: str) -> None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import tempfile
 import zipfile
 from typing import Any, Mapping, Sequence
 
@@ -195,20 +194,10 @@ def write_npz_atomic(path: str, arrays: Mapping[str, Any]) -> str:
   """Writes ``arrays`` to the ``.npz`` ``path`` atomically and returns ``path``.
 
   A temporary name in the same directory, given the usual file mode
-  (:func:`apply_umask_permissions`), then renamed; removed again if anything fails.
+  (:func:`lcm_jax.schema.write_file_atomic`), then renamed; removed again if anything fails.
   """
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    apply_umask_permissions(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return schema.write_file_atomic(path, lambda f: np.savez(f, **arrays), binary=True,
+                                   suffix=".npz")
 
 
 def apply_umask_permissions(path: str) -> None:

@@ -32,7 +32,7 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -216,21 +216,32 @@ def read_shard(path: str, expected_dim: int | None = None) -> list[Document]:
     reader.close()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_file_atomic(path: str, write: Callable[[IO[Any]], None], *, binary: bool = False,
+                      suffix: str = "") -> str:
+  """Calls ``write(f)`` on a temporary file beside ``path``, gives it the usual file mode (mkstemp
+  creates 0600) and renames it to ``path``; on any error the temporary file is removed and
+  ``path`` is untouched. Every tool's single-file output goes through here."""
   d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
+    with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+      write(f)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it the usual file mode
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  return path
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  def write(f: IO[Any]) -> None:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  write_file_atomic(path, write, suffix=".json")
 
 
 def move_dir_into_place(tmp: str, out: str, overwrite: bool = True) -> None:
