@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 128             # packed row length (concepts)
   c.data.global_batch_size = 16    # rows per step over all processes and microbatches
   c.data.shuffle_seed = 0
+  c.data.data_shards = 0           # read/pack streams of the global batch (0 = one per process);
+                                   # fix it to make batches independent of the process count
   c.data.worker_count = 0          # grain multiprocess prefetch workers (0 = in-process)
   c.data.worker_buffer_size = 2
   c.data.read_threads = 8          # ArrayRecord read threads per process

@@ -3,13 +3,15 @@
 Per train dataset (``config.data.train``, a list of ``{"path": DIR, "weight": w}``)::
 
   manifest -> document indices (minus the held-out eval documents) -> shuffle (per epoch)
-  -> repeat -> per-process slice -> read + decode (lcm_jax.schema)
+  -> repeat -> data-shard slice -> read + decode (lcm_jax.schema)
   -> weighted mixture of the datasets -> to_iter_dataset
   -> wrap documents into pieces of <= max_doc_len concepts
   -> first-fit pack pieces into rows of seq_len concepts -> batch -> mp_prefetch
 
-Every batch is a dict of numpy arrays with ``B = global_batch_size // process_count`` rows and
-``L = seq_len`` concepts:
+Each data shard (one per process by default; ``config.data.data_shards``, see :func:`data_shards`)
+runs this pipeline on its slice of the documents; a process concatenates the batches of its data
+shards. Every batch is a dict of numpy arrays with ``B = global_batch_size // process_count`` rows
+and ``L = seq_len`` concepts:
 
 * ``embeddings``  float32 (B, L, dim): raw SONAR-space vectors (the model normalizes);
 * ``segment_ids`` int32 (B, L): 1, 2, ... per document piece within a row, 0 = padding;
@@ -438,12 +440,53 @@ def make_train_iterator(config: Any, *, process_index: int | None = None,
   (``mp_prefetch``); absl flags must then be parsed and the script needs a ``__main__`` guard.
   """
   pi, pc = _process(process_index, process_count)
-  local_batch = _check_config(config, pc)
+  _check_config(config, pc)
   d = config.data
   infos = _train_infos(config)
+  num_shards = data_shards(config, pc)
+  mine = range(pi * num_shards // pc, (pi + 1) * num_shards // pc)
+  rows = int(d.global_batch_size) // num_shards
+  streams = [_train_stream(config, infos, k, num_shards, rows) for k in mine]
+  if len(streams) == 1:
+    ds = streams[0]
+  else:
+    ds = grain.experimental.ZipIterDataset(streams).map(_concat_batches)
+  if int(d.worker_count) > 0:
+    _require_parsed_flags()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(d.worker_count), per_worker_buffer_size=int(d.worker_buffer_size)))
+  return iter(ds)
+
+
+def data_shards(config: Any, process_count: int) -> int:
+  """The number of data shards (independent read/pack streams) of the global batch.
+
+  ``config.data.data_shards`` (optional; 0 or missing = one per process). Shard ``k`` reads every
+  ``K``-th document of each shuffled dataset and packs its own ``global_batch_size / K`` rows of
+  every batch; process ``p`` of ``P`` runs shards ``p*K/P .. (p+1)*K/P - 1`` and their rows, in
+  order, are its slice of the global batch. So the global batches depend on ``K`` only, not on
+  how many processes share the work: a 2-process run and a 1-process run with the same ``K``
+  train on identical batches.
+  """
+  k = int(_opt(config.data, "data_shards", 0)) or process_count
+  g = int(config.data.global_batch_size)
+  if k < 1:
+    raise ValueError(f"config.data.data_shards must be >= 0 (0 = one per process), got {k}")
+  if k % process_count:
+    raise ValueError(f"config.data.data_shards={k} is not divisible by the process count "
+                     f"({process_count}): every process must run the same number of data shards")
+  if g % k:
+    raise ValueError(f"config.data.global_batch_size ({g}) is not divisible by "
+                     f"config.data.data_shards ({k})")
+  return k
+
+
+def _train_stream(config: Any, infos: list[_DatasetInfo], shard: int, num_shards: int,
+                  rows: int) -> grain.IterDataset:
+  """Data shard ``shard`` of ``num_shards``: its documents, packed into batches of ``rows`` rows."""
+  d = config.data
   hold_out = not _entries(d.eval, "config.data.eval") and float(d.eval_fraction) > 0
   num_epochs = None if d.num_epochs is None else int(d.num_epochs)
-
   parts = []
   for i, info in enumerate(infos):
     indices = np.arange(info.num_documents, dtype=np.int64)
@@ -453,25 +496,24 @@ def make_train_iterator(config: Any, *, process_index: int | None = None,
       raise ValueError(f"{info.field}: all {info.num_documents} documents of {info.path} are held "
                        f"out for eval (config.data.eval_fraction={d.eval_fraction})")
     seed = int(np.random.SeedSequence([int(d.shuffle_seed), i]).generate_state(1)[0])
-    ds = grain.MapDataset.source(indices).shuffle(seed=seed).repeat(num_epochs)[pi::pc]
+    ds = grain.MapDataset.source(indices).shuffle(seed=seed).repeat(num_epochs)
+    ds = ds[shard::num_shards]
     if len(ds) == 0:
       raise ValueError(f"{info.field}: {indices.size} training documents cannot feed "
-                       f"{pc} processes")
+                       f"{num_shards} data shards (processes or config.data.data_shards)")
     parts.append(ds.map(_ReadDocument(_open_source(info), info)))
   if len(parts) == 1:
     mixed = parts[0]
   else:
     total = sum(info.weight for info in infos)
     mixed = grain.MapDataset.mix(parts, [info.weight / total for info in infos])
-
   ds = mixed.to_iter_dataset(_read_options(config))
-  ds = _pack(ds, config, _packing_bins(config, local_batch))
-  ds = ds.batch(local_batch, batch_fn=functools.partial(_collate, batch_size=local_batch))
-  if int(d.worker_count) > 0:
-    _require_parsed_flags()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(d.worker_count), per_worker_buffer_size=int(d.worker_buffer_size)))
-  return iter(ds)
+  ds = _pack(ds, config, _packing_bins(config, rows))
+  return ds.batch(rows, batch_fn=functools.partial(_collate, batch_size=rows))
+
+
+def _concat_batches(batches: tuple[Batch, ...]) -> Batch:
+  return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
 
 
 def make_eval_iterator(config: Any, *, process_index: int | None = None,

@@ -7,10 +7,20 @@ r"""lcm_jax entry point: train (default) or describe a config.
 
 `--workdir` holds checkpoints (restored automatically on start), TensorBoard files (tb/) and
 metrics.jsonl. Any config field can be overridden with --config.FIELD=VALUE.
+
+Multi-process (one process per host, or several on one host): every process runs the same command
+with the same --workdir (a shared path). On Cloud TPU, GKE TPU slices, SLURM and Open MPI nothing
+else is needed; elsewhere (GPU clusters, localhost) set, per process,
+
+  JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0|1 python -m lcm_jax.main ...
+
+(optionally JAX_LOCAL_DEVICE_IDS=0,1,2,3). See lcm_jax/distributed.py and launch/ (GKE, XManager).
+Only process 0 logs progress and writes metrics; all processes save and restore checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging as logging_std
 import os
 import sys
@@ -33,6 +43,14 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "describe"],
                           "train: train (resuming from the workdir's latest checkpoint); "
                           "describe: print parameter count and FLOPs without allocating the model.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start-up (lcm_jax/distributed.py). auto: from JAX_COORDINATOR_ADDRESS/"
+    "JAX_NUM_PROCESSES/JAX_PROCESS_ID if set, else JAX's detection on Cloud TPU, GKE TPU, SLURM "
+    "and Open MPI, else a single process; on: always call jax.distributed.initialize; off: never.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for the coordinator and every process at start-up "
+    "before failing with an error (exit 2).")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -101,10 +119,27 @@ def main(argv) -> int:
     print(describe(config))
     return 0
 
+  from lcm_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_DISTRIBUTED.value, _DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # progress and info lines come from process 0 only
   from lcm_jax import train  # pylint: disable=g-import-not-at-top  (keeps describe light)
   from lcm_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
+  try:  # processes started with different configs would fail later in obscure ways
+    fingerprint = hashlib.sha1(f"{config.to_json()}\n{os.path.abspath(workdir)}".encode())
+    distributed.agree("config+workdir fingerprint", fingerprint.hexdigest()[:16],
+                      _DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   logging.info("workdir: %s", os.path.abspath(workdir))
+  logging.info("%s", distributed.describe_devices())
   try:
     _maybe_generate_data(config)
     metrics = train.train_and_evaluate(config, workdir)
