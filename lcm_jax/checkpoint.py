@@ -10,6 +10,7 @@ directory and renames it when complete, so a killed process never leaves a check
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import grain
@@ -63,9 +64,23 @@ class Checkpointer:
     step = self._existing_step(step, "to restore")
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
+      self._check_data_processes(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
+
+  def _check_data_processes(self, step: int) -> None:
+    """The Grain state is one file per process: it resumes only with the same process count."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    counts = sorted({int(m.group(1)) for name in (os.listdir(data_dir) if os.path.isdir(data_dir)
+                                                 else [])
+                     if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))})
+    if counts and counts != [jax.process_count()]:
+      raise CheckpointError(
+          f"{data_dir}: the data-iterator state was saved by {counts[0]} process(es), this run has "
+          f"{jax.process_count()}; resume with {counts[0]} processes (the model state itself "
+          "restores onto any mesh: to continue on another process count without the data "
+          "position, start a new workdir with --config.train.init_from=WORKDIR@STEP)")
 
   def restore_weights(self, step: int | None, abstract_weights: dict[str, Any]) -> dict[str, Any]:
     """Restores only ``params`` and ``buffers`` (no optimizer state, step or data iterator).

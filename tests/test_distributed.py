@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -226,6 +225,12 @@ def test_two_processes_killed_and_restarted_match_one_process(corpus, tmp_path):
   # 1 process x 8 devices, same config, uninterrupted.
   codes = _wait(_start(_train_cmd(single, corpus), 1, None, 8, logs + "-c"), 600)
   assert codes == [0], _read(logs + "-c.p0.log")[-3000:]
+
+  # The data-iterator state of 2 processes does not resume in 1: a clear error, exit 2.
+  r = helpers.run_cli(_train_cmd(multi, corpus) + [f"--config.train.num_steps={STEPS + 5}"])
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert ("the data-iterator state was saved by 2 process(es), this run has 1"
+          in r.stderr.strip().splitlines()[-1])
 
   step_m, multi_params = _params(multi)
   step_s, single_params = _params(single)
