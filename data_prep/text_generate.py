@@ -39,6 +39,12 @@ and next to it ``--concepts`` (default ``FILE.npz``, atomic): ``embeddings`` (B,
 float32 raw SONAR, zero past ``lengths``; ``lengths`` (B,); ``stop_reasons`` (B,) str; ``ids``;
 ``prompt_embeddings`` (B, P, S) zero-padded and ``prompt_lengths`` (B,) (data_prep.decode reads it).
 
+Library use (``data_prep.eval_text rouge``): :func:`load_models` loads and checks everything
+once; :func:`generate_texts` runs steps 1-4 on one batch of prompts and may add constant
+``prefix``/``suffix`` sentences around every prompt, encoded whole in ``--eot_lang`` (never
+segmented), as ``data_prep.embed`` lays out a fine-tuning pair's source; :func:`run` is the
+command (both, on all prompts as one batch, then the outputs).
+
 User errors (no prompt, a prompt without sentences, a missing card/workdir, a card whose SONAR
 dimension is not the encoder's/decoder's, a model that does not load, bad settings) print one
 ``error: ...`` line and exit with status 2; nothing is written.
@@ -47,6 +53,7 @@ dimension is not the encoder's/decoder's, a model that does not load, bad settin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -191,19 +198,42 @@ def _load_model(a: argparse.Namespace, device: Any, tmp: str) -> Any:
     raise UserError(f"--card {card}: {e}") from None
 
 
-def run(a: argparse.Namespace) -> list[dict[str, Any]]:
-  """Everything after flag parsing; returns the JSONL records (also written). UserError on bad
-  input."""
-  from data_prep import decode, sat, sonar  # pylint: disable=g-import-not-at-top
-  from lcm_jax import diffusion, torch_generate  # pylint: disable=g-import-not-at-top
-  from lcm_jax.generate import STOP_REASONS, GenerationConfig  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass
+class Models:
+  """Everything :func:`generate_texts` needs, loaded and checked once by :func:`load_models`."""
 
-  if os.path.isdir(a.out):
-    raise UserError(f"--out {a.out}: is a directory")
-  concepts_path = a.concepts or os.path.splitext(a.out)[0] + ".npz"
-  if os.path.abspath(concepts_path) == os.path.abspath(a.out):
-    raise UserError(f"--concepts {concepts_path}: same file as --out")
-  prompts = read_prompts(a.prompt, a.prompt_file)
+  model: Any
+  """The torch LCM (:func:`lcm_jax.torch_models.load_from_card`)."""
+  segmenter: Any
+  """:class:`data_prep.sat.Segmenter`."""
+  encoder: Any
+  """SONAR text encoder (:func:`data_prep.sonar.load_text_encoder`)."""
+  decoder: Any
+  """SONAR text decoder (:func:`data_prep.sonar.load_text_decoder`)."""
+  eot: Optional[np.ndarray]
+  """(S,) raw-space end-of-text vector (``--eot_text`` in ``--eot_lang``); None: EOT stop off."""
+  gen_cfg: Any
+  """:class:`lcm_jax.generate.GenerationConfig` (validated)."""
+  sampler: Any
+  """:class:`lcm_jax.diffusion.SamplerConfig` (validated for a Two-Tower model)."""
+  generator: Any
+  """:class:`lcm_jax.torch_generate.Generator` over ``model``, ``gen_cfg``, ``sampler``, ``eot``."""
+  device: Any
+  """The resolved torch device."""
+
+  @property
+  def config(self) -> Any:
+    """The model's :class:`~lcm_jax.models.config.ModelConfig`."""
+    return self.model.config
+
+
+def load_models(a: argparse.Namespace) -> Models:
+  """Checks the generation settings and loads the LCM (``--card``, or ``--workdir`` exported to a
+  temporary directory), SaT, the SONAR encoder and decoder, and encodes the end-of-text vector.
+  UserError on a bad setting or a model that does not load or does not fit the LCM."""
+  from data_prep import sat, sonar  # pylint: disable=g-import-not-at-top
+  from lcm_jax import diffusion, torch_generate  # pylint: disable=g-import-not-at-top
+  from lcm_jax.generate import GenerationConfig  # pylint: disable=g-import-not-at-top
   gen_cfg = GenerationConfig(max_len=a.max_len, min_len=a.min_len,
                              eot_threshold=max(a.eot_threshold, -1.0),
                              repetition_threshold=a.repetition_threshold,
@@ -217,7 +247,6 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
   except ValueError as e:
     raise UserError(str(e)) from None
   os.environ.setdefault("FAIRSEQ2_NO_PROGRESS", "1")
-  t0 = time.time()
   with tempfile.TemporaryDirectory(prefix="text_generate-") as tmp:
     model = _load_model(a, device, tmp)
   cfg = model.config
@@ -249,58 +278,131 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     decoder.check_lang(a.target_lang)
   except ValueError as e:
     raise UserError(f"--target_lang {a.target_lang}: {e}") from None
-
-  # 1-2. Segment and encode the prompts (no end-of-text sentence appended).
-  segmented = segmenter.segment([t for _, t in prompts])
-  for (pid, _), sents in zip(prompts, segmented):
-    if not sents:
-      raise UserError(f"prompt {pid!r}: no sentences after segmentation")
-  flat = [s for sents in segmented for s in sents]
   try:
-    emb = encoder.encode(flat, a.lang)
     eot = encoder.encode([a.eot_text], a.eot_lang)[0] if a.eot_threshold >= -1.0 else None
   except ValueError as e:
     raise UserError(f"--lang {a.lang} / --eot_lang {a.eot_lang}: {e}") from None
-  offsets = np.cumsum([0] + [len(s) for s in segmented])
-  prompt_embs = [emb[offsets[i]:offsets[i + 1]] for i in range(len(prompts))]
-
-  # 3. Generate.
   try:
     generator = torch_generate.Generator(model, gen_cfg, sampler=sampler, eot_vector=eot)
   except ValueError as e:
     raise UserError(str(e)) from None
+  return Models(model=model, segmenter=segmenter, encoder=encoder, decoder=decoder, eot=eot,
+                gen_cfg=gen_cfg, sampler=sampler, generator=generator, device=device)
+
+
+def generate_texts(m: Models, a: argparse.Namespace, prompts: Sequence[tuple[str, str]], *,
+                   prefix: Sequence[str] = (), suffix: Sequence[str] = (),
+                   timings: Optional[dict[str, float]] = None
+                   ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+  """Steps 1-4 of the module docstring for ``prompts`` (``[(id, text)]``), one batch.
+
+  Each prompt is SaT-segmented and its sentences SONAR-encoded in ``a.lang``; the constant
+  sentences ``prefix`` (before) and ``suffix`` (after) are never segmented and are encoded once
+  per call, whole, in ``a.eot_lang`` (as :mod:`data_prep.embed` lays out a fine-tuning pair's
+  source). A prompt's concepts are ``encode(prefix) + encode(its sentences) + encode(suffix)``.
+  Noise is drawn from ``a.seed`` (a fresh generator per call).
+
+  Args:
+    m: :func:`load_models`'s models.
+    a: the parsed flags (``lang``, ``eot_lang``, ``target_lang``, ``seed``, ``beam_size``,
+      ``decode_max_len``).
+    prompts: ``[(id, text)]``, at least one.
+    prefix: constant sentences before every prompt's sentences.
+    suffix: constant sentences after every prompt's sentences.
+    timings: when given, ``timings["generate"]`` is set to the generator's seconds.
+
+  Returns:
+    ``(records, arrays)``: per prompt ``{"id", "prompt_sentences", "sentences", "text",
+    "stop_reason"}``, where ``prompt_sentences`` is ``prefix + its sentences + suffix`` (one per
+    prompt concept); and the ``--concepts`` arrays (module docstring), ``prompt_lengths``
+    counting the prefix and suffix concepts too.
+
+  Raises:
+    UserError: no prompts, a blank constant sentence, a prompt without sentences, a language
+      the encoder does not know.
+  """
+  from lcm_jax.generate import STOP_REASONS  # pylint: disable=g-import-not-at-top
+  if not prompts:
+    raise UserError("no prompt: give --prompt and/or --prompt_file")
+  prefix, suffix = list(prefix), list(suffix)
+  for what, consts in (("prefix", prefix), ("suffix", suffix)):
+    for s in consts:
+      if not isinstance(s, str) or not s.strip():
+        raise UserError(f"{what} sentence {s!r}: expected a non-empty string")
+  # 1-2. Segment and encode the prompts (no end-of-text sentence appended).
+  segmented = m.segmenter.segment([t for _, t in prompts])
+  for (pid, _), sents in zip(prompts, segmented):
+    if not sents:
+      raise UserError(f"prompt {pid!r}: no sentences after segmentation")
+  flat = [s for sents in segmented for s in sents]
+  dim = m.config.sonar_embed_dim
+  try:
+    emb = m.encoder.encode(flat, a.lang)
+    consts = (m.encoder.encode(prefix + suffix, a.eot_lang) if prefix or suffix
+              else np.zeros((0, dim), np.float32))
+  except ValueError as e:
+    raise UserError(f"--lang {a.lang} / --eot_lang {a.eot_lang}: {e}") from None
+  pre, suf = consts[:len(prefix)], consts[len(prefix):]
+  offsets = np.cumsum([0] + [len(s) for s in segmented])
+  prompt_embs = [np.concatenate([pre, emb[offsets[i]:offsets[i + 1]], suf]).astype(np.float32)
+                 for i in range(len(prompts))]
+  prompt_sents = [prefix + list(sents) + suffix for sents in segmented]
+
+  # 3. Generate.
   t1 = time.time()
-  res = generator(prompt_embs, seed=a.seed)
-  t2 = time.time()
+  res = m.generator(prompt_embs, seed=a.seed)
+  if timings is not None:
+    timings["generate"] = time.time() - t1
 
   # 4. Decode.
   lengths = [int(n) for n in res.lengths]
   concepts = np.concatenate([res.embeddings[b, :n] for b, n in enumerate(lengths)])
-  texts = decoder.decode(concepts, a.target_lang, beam_size=a.beam_size,
-                         max_len=a.decode_max_len)
+  texts = m.decoder.decode(concepts, a.target_lang, beam_size=a.beam_size,
+                           max_len=a.decode_max_len)
   reasons = [STOP_REASONS[int(r)] for r in res.stop_reasons]
   records, k = [], 0
-  for (pid, _), sents, n, reason in zip(prompts, segmented, lengths, reasons):
+  for (pid, _), sents, n, reason in zip(prompts, prompt_sents, lengths, reasons):
     out_sents = texts[k:k + n]
     k += n
-    records.append({"id": pid, "prompt_sentences": list(sents), "sentences": out_sents,
+    records.append({"id": pid, "prompt_sentences": sents, "sentences": out_sents,
                     "text": " ".join(out_sents), "stop_reason": reason})
-  plen = max(len(s) for s in segmented)
-  padded = np.zeros((len(prompts), plen, cfg.sonar_embed_dim), np.float32)
+  plen = max(len(s) for s in prompt_sents)
+  padded = np.zeros((len(prompts), plen, dim), np.float32)
   for b, e in enumerate(prompt_embs):
     padded[b, :len(e)] = e
-  _save_npz_atomic(concepts_path, {
+  arrays = {
       "embeddings": res.embeddings.astype(np.float32), "lengths": res.lengths.astype(np.int32),
       "stop_reasons": np.asarray(reasons), "ids": np.asarray([p for p, _ in prompts]),
       "prompt_embeddings": padded,
-      "prompt_lengths": np.asarray([len(s) for s in segmented], np.int32)})
+      "prompt_lengths": np.asarray([len(s) for s in prompt_sents], np.int32)}
+  return records, arrays
+
+
+def run(a: argparse.Namespace) -> list[dict[str, Any]]:
+  """Everything after flag parsing (:func:`load_models`, :func:`generate_texts` on every prompt
+  as one batch, then the outputs); returns the JSONL records (also written). UserError on bad
+  input."""
+  from data_prep import decode  # pylint: disable=g-import-not-at-top
+
+  if os.path.isdir(a.out):
+    raise UserError(f"--out {a.out}: is a directory")
+  concepts_path = a.concepts or os.path.splitext(a.out)[0] + ".npz"
+  if os.path.abspath(concepts_path) == os.path.abspath(a.out):
+    raise UserError(f"--concepts {concepts_path}: same file as --out")
+  prompts = read_prompts(a.prompt, a.prompt_file)
+  t0 = time.time()
+  m = load_models(a)
+  timings: dict[str, float] = {}
+  records, arrays = generate_texts(m, a, prompts, timings=timings)
+  _save_npz_atomic(concepts_path, arrays)
   decode.write_jsonl_atomic(a.out, records)
   for r in records:
     print(f"== {r['id']} ({len(r['sentences'])} sentences, {r['stop_reason']})")
     for s in r["sentences"]:
       print(s)
-  _log(f"{cfg.family}: {len(prompts)} prompts, {sum(lengths)} concepts; generate "
-       f"{t2 - t1:.1f} s, total {time.time() - t0:.1f} s; wrote {a.out} and {concepts_path}")
+  _log(f"{m.config.family}: {len(prompts)} prompts, {int(arrays['lengths'].sum())} concepts; "
+       f"generate {timings['generate']:.1f} s, total {time.time() - t0:.1f} s; wrote {a.out} "
+       f"and {concepts_path}")
   return records
 
 

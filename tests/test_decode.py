@@ -27,13 +27,7 @@ DIM = 32
 BEAM, MAX_LEN = 3, 10  # short beams keep the random decoder fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-  """Tiny models run ~10x faster single-threaded on a busy 2-core machine."""
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

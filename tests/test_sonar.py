@@ -35,13 +35,7 @@ def _env(**extra: str) -> dict[str, str]:
               **extra)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-  """Tiny models run ~10x faster single-threaded on a busy 2-core machine."""
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
