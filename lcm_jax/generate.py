@@ -63,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -72,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import diffusion
+from lcm_jax import errors
 from lcm_jax import layers
 from lcm_jax import schema
 from lcm_jax.models.config import ModelConfig
@@ -676,10 +676,38 @@ def restore_weights(config: Any, workdir: str, step: int,
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+def define_sampler_flags() -> None:
+  """The Two-Tower DDIM flags (defaults: the paper's, :class:`lcm_jax.diffusion.SamplerConfig`)."""
+  from absl import flags as f  # pylint: disable=g-import-not-at-top
+  d = diffusion.SamplerConfig()
+  f.DEFINE_integer("num_steps", d.num_steps, "Two-Tower: DDIM inference steps.")
+  f.DEFINE_float("guidance_scale", d.guidance_scale, "Two-Tower: classifier-free guidance g.")
+  f.DEFINE_float("guidance_rescale", d.guidance_rescale, "Two-Tower: guidance rescale in [0, 1].")
+  f.DEFINE_float("initial_noise_scale", d.initial_noise_scale, "Two-Tower: initial noise std.")
+  f.DEFINE_float("epsilon_scaling", d.epsilon_scaling, "Two-Tower: epsilon is divided by this.")
+  f.DEFINE_float("eta", d.eta, "Two-Tower: DDIM eta (0 = deterministic).")
+  f.DEFINE_enum("timestep_spacing", d.timestep_spacing, list(diffusion.TIMESTEP_SPACINGS),
+                "Two-Tower: DDIM timestep spacing (trailing_reference = the reference's list).")
+
+
+def sampler_from_flags(fv: Any, num_train_steps: Optional[int]) -> diffusion.SamplerConfig:
+  """The :func:`define_sampler_flags` values as a SamplerConfig, validated against the model's
+  ``num_train_steps`` (None: not validated, e.g. a Base-LCM) -> ``ValueError`` naming the flag."""
+  sampler = diffusion.SamplerConfig(
+      num_steps=fv.num_steps, guidance_scale=fv.guidance_scale,
+      guidance_rescale=fv.guidance_rescale, initial_noise_scale=fv.initial_noise_scale,
+      epsilon_scaling=fv.epsilon_scaling, eta=fv.eta, timestep_spacing=fv.timestep_spacing)
+  if num_train_steps is not None:
+    try:
+      sampler.validate(num_train_steps)
+    except ValueError as e:
+      raise ValueError(f"bad sampler flag: {e}") from None
+  return sampler
+
+
 def _define_flags() -> Any:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  d = diffusion.SamplerConfig()
   g = GenerationConfig()
   f = flags
   f.DEFINE_string("workdir", None, "Training workdir whose checkpoints/ to restore.")
@@ -708,14 +736,7 @@ def _define_flags() -> Any:
                  "Stop when cosine(concept, previous concept) >= this (paper: 0.9); off if unset.")
   f.DEFINE_float("temperature", g.temperature,
                  "Base-LCM: add temperature * N(0, I) in normalized space to each prediction.")
-  f.DEFINE_integer("num_steps", d.num_steps, "Two-Tower: DDIM inference steps.")
-  f.DEFINE_float("guidance_scale", d.guidance_scale, "Two-Tower: classifier-free guidance g.")
-  f.DEFINE_float("guidance_rescale", d.guidance_rescale, "Two-Tower: guidance rescale in [0, 1].")
-  f.DEFINE_float("initial_noise_scale", d.initial_noise_scale, "Two-Tower: initial noise std.")
-  f.DEFINE_float("epsilon_scaling", d.epsilon_scaling, "Two-Tower: epsilon is divided by this.")
-  f.DEFINE_float("eta", d.eta, "Two-Tower: DDIM eta (0 = deterministic).")
-  f.DEFINE_enum("timestep_spacing", d.timestep_spacing, list(diffusion.TIMESTEP_SPACINGS),
-                "Two-Tower: DDIM timestep spacing (trailing_reference = the reference's list).")
+  define_sampler_flags()
   f.DEFINE_integer("seed", 0, "PRNG seed (Two-Tower noise, Base-LCM latent noise).")
   f.DEFINE_integer("batch_size", 8, "Prompts per generation batch (padded to a multiple of the "
                    "mesh's batch shards).")
@@ -742,14 +763,7 @@ def run_cli(flag_values: Any) -> dict[str, Any]:
   step = checkpoint_step(fv.workdir, fv.step)
   config = fv.config if fv.config is not None else load_checkpoint_config(fv.workdir, step)
   model_cfg = ModelConfig.from_config(config.model)
-  sampler = diffusion.SamplerConfig(
-      num_steps=fv.num_steps, guidance_scale=fv.guidance_scale,
-      guidance_rescale=fv.guidance_rescale, initial_noise_scale=fv.initial_noise_scale,
-      epsilon_scaling=fv.epsilon_scaling, eta=fv.eta, timestep_spacing=fv.timestep_spacing)
-  try:
-    sampler.validate(model_cfg.num_diffusion_train_steps)
-  except ValueError as e:
-    raise ValueError(f"bad sampler flag: {e}") from None
+  sampler = sampler_from_flags(fv, model_cfg.num_diffusion_train_steps)
   dim = model_cfg.sonar_embed_dim
   ids, prompts = load_prompts(fv.prompts, dim)
   eot = load_eot_vector(fv.eot_vector, dim) if fv.eot_vector else None
@@ -788,36 +802,20 @@ def run_cli(flag_values: Any) -> dict[str, Any]:
           "mean_length": float(out["lengths"].mean())}
 
 
-def main(argv: Sequence[str]) -> int:
-  """absl entry point: user errors -> one ``error:`` line on stderr and exit status 2."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from lcm_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore step at INFO
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
-  try:
-    summary = run_cli(flags.FLAGS)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"generated {summary['prompts']} prompts from step {summary['step']} in "
-        f"{summary['seconds']:.1f}s: mean length {summary['mean_length']:.2f}, stop reasons "
-        f"{summary['stop_reasons']} -> {flags.FLAGS.out}")
-  return 0
+def _report(fv: Any) -> str:
+  summary = run_cli(fv)
+  return (f"generated {summary['prompts']} prompts from step {summary['step']} in "
+          f"{summary['seconds']:.1f}s: mean length {summary['mean_length']:.2f}, stop reasons "
+          f"{summary['stop_reasons']} -> {fv.out}")
+
+
+main = errors.absl_main(_report)
+"""absl entry point: user errors -> one ``error:`` line on stderr and exit status 2."""
 
 
 def run() -> None:
   """``python -m lcm_jax.generate``."""
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-
-  def _main(argv: Sequence[str]) -> None:
-    sys.exit(main(argv))
-
-  app.run(_main)
+  errors.run_absl_tool(_define_flags, main)
 
 
 if __name__ == "__main__":
