@@ -92,6 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 1000
   c.train.eval_batches = 16
+  # Periodic eval (lcm_jax/evaluate.py): besides the loss, teacher-forced l2 / contrastive accuracy
+  # / paraphrasing in raw SONAR space, written as eval/l2, eval/contrastive_accuracy,
+  # eval/paraphrasing. The Two-Tower samples for them with DDIM (the paper's guidance 3, rescale
+  # 0.7, ...) but only eval_sampler_steps steps to stay cheap (0: loss only); the CLI
+  # `python -m lcm_jax.evaluate` defaults to the paper's 40.
+  c.train.eval_metrics = True
+  c.train.eval_sampler_steps = 10
+  c.train.eval_contrastive_rows = 16  # candidates: concepts of groups of 16 rows (0 = whole batch)
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True

@@ -203,33 +203,25 @@ _BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask":
 
 
 def make_eval_step(s: Setup):
-  loss_fn = models.loss_fn(s.model_cfg)
-
-  def step(params, buffers, batch):
-    loss_sum, count, aux = loss_fn(s.model, {"params": params, "buffers": buffers}, batch, rng=None,
-                                   deterministic=True)
-    return {"loss_sum": loss_sum, "count": count, **{f"{k}_sum": v for k, v in aux.items()}}
-
-  batch_shardings = {k: sharding.batch_sharding(s.mesh, nd) for k, nd in _BATCH_NDIM.items()}
-  return sharding.jit_under_mesh(
-      step, s.mesh, in_shardings=(s.state_shardings["params"], s.state_shardings["buffers"],
-                                  batch_shardings), out_shardings=sharding.replicated(s.mesh))
+  """The periodic-eval function: an :class:`lcm_jax.evaluate.Evaluator` with the
+  ``config.train.eval_*`` settings. ``eval_step(params, buffers, global_batch)`` returns the
+  batch's sums (``loss_sum``, ``count``, the loss's extra ``*_sum`` values and, with metrics,
+  ``model/*`` sums of :func:`lcm_jax.evaluate.metric_sums`)."""
+  from lcm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  return eval_lib.Evaluator(s, eval_lib.settings_from_config(s.config))
 
 
 def evaluate(s: Setup, eval_step, state: State, num_batches: int) -> dict[str, float]:
-  """Teacher-forced eval over up to ``num_batches`` held-out batches (all if <= 0)."""
-  totals: dict[str, float] = {}
-  it = data_lib.make_eval_iterator(s.config)
-  for i, batch in enumerate(it):
-    if 0 < num_batches <= i:
-      break
-    out = jax.device_get(eval_step(state["params"], state["buffers"],
-                                   sharding.global_batch_from_local(batch, s.mesh)))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  count = max(totals.get("count", 0.0), 1.0)
-  return {("loss" if k == "loss_sum" else k[:-4]): v / count
-          for k, v in totals.items() if k.endswith("_sum")} | {"num_targets": totals.get("count", 0.0)}
+  """Teacher-forced eval over up to ``num_batches`` held-out batches (all if <= 0).
+
+  Returns ``loss`` (the training objective), ``num_targets``, the loss extras (e.g.
+  ``prev_concept_loss``) and, unless ``config.train.eval_metrics`` is off, ``l2``,
+  ``contrastive_accuracy`` and ``paraphrasing`` in raw SONAR space (see :mod:`lcm_jax.evaluate`).
+  """
+  from lcm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  result = eval_step.run(state["params"], state["buffers"], data_lib.make_eval_iterator(s.config),
+                         num_batches)
+  return eval_lib.flat_metrics(result)
 
 
 # ----------------------------------------------------------------------------------------------

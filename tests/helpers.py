@@ -40,6 +40,20 @@ def small_train_config(recipe, mesh=(8, 1, 1), dropout=0.1, accum=1, batch=8):
   return c
 
 
+def corpus_train_config(recipe, corpus, steps):
+  """``recipe.get_config("tiny")`` on an existing dataset ``corpus`` for ``steps`` steps, with the
+  cosine decay, eval, checkpoint and log all at the last step."""
+  c = recipe.get_config("tiny")
+  c.data.train = corpus
+  c.data.generate_synthetic_if_missing = False
+  c.train.num_steps = steps
+  c.optimizer.decay_steps = steps
+  c.train.eval_every = steps
+  c.train.checkpoint_every = steps
+  c.train.log_every = steps
+  return c
+
+
 def packed_batch(c, seed=0, random_walk=False):
   """A packed batch for config ``c``: rows hold 1-3 documents of random length, some padding.
 

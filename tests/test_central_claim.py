@@ -32,6 +32,7 @@ from lcm_jax import data as data_lib
 from lcm_jax import predict
 from lcm_jax import train
 from lcm_jax.normalizer import Normalizer
+from tests import helpers
 
 STEPS = 300
 EVAL_BATCHES = 8
@@ -46,15 +47,7 @@ def fixture_corpus(tmp_path_factory):
 
 
 def _config(recipe, corpus):
-  c = recipe.get_config("tiny")
-  c.data.train = corpus
-  c.data.generate_synthetic_if_missing = False
-  c.train.num_steps = STEPS
-  c.optimizer.decay_steps = STEPS
-  c.train.eval_every = STEPS
-  c.train.checkpoint_every = STEPS
-  c.train.log_every = STEPS
-  return c
+  return helpers.corpus_train_config(recipe, corpus, STEPS)
 
 
 def _branch_point_predictions(recipe, corpus, workdir):
