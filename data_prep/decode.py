@@ -77,7 +77,8 @@ class DecodeInput:
     return int(self.concepts.shape[1])
 
 
-def _field(path: str, data: Any, name: str) -> np.ndarray:
+def npz_field(path: str, data: Any, name: str) -> np.ndarray:
+  """``data[name]`` of an opened ``.npz`` as an array; InputError naming the file and field."""
   try:
     return np.asarray(data[name])
   except KeyError:
@@ -91,7 +92,7 @@ def _field(path: str, data: Any, name: str) -> np.ndarray:
 def _row_field(path: str, data: Any, name: str, b: int) -> Optional[np.ndarray]:
   if name not in data:
     return None
-  a = _field(path, data, name)
+  a = npz_field(path, data, name)
   if a.shape != (b,):
     raise InputError(f"{path}: field '{name}': expected shape ({b},), got {a.shape}")
   return a
@@ -105,14 +106,20 @@ def _check_embeddings(path: str, emb: np.ndarray) -> None:
     raise InputError(f"{path}: field 'embeddings': expected floats, got dtype {emb.dtype}")
 
 
-def read_input(path: str) -> DecodeInput:
-  """Reads and validates ``--embeddings`` (module docstring); raises :class:`InputError`."""
+def load_npy_npz(path: str) -> Any:
+  """``np.load(path)`` without pickle: an array (.npy) or an open NpzFile (the caller closes it);
+  InputError naming the file if it is missing or unreadable."""
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
   try:
-    data: Any = np.load(path, allow_pickle=False)
+    return np.load(path, allow_pickle=False)
   except (OSError, ValueError, EOFError) as e:
     raise InputError(f"{path}: cannot read as .npy/.npz ({e})") from None
+
+
+def read_input(path: str) -> DecodeInput:
+  """Reads and validates ``--embeddings`` (module docstring); raises :class:`InputError`."""
+  data = load_npy_npz(path)
   if isinstance(data, np.ndarray):
     if data.ndim != 2:
       raise InputError(f"{path}: field 'embeddings' (the .npy array): expected shape (n, S), "
@@ -131,7 +138,7 @@ def read_input(path: str) -> DecodeInput:
 
 
 def _read_fields(path: str, data: Any) -> DecodeInput:
-  emb = _field(path, data, "embeddings")
+  emb = npz_field(path, data, "embeddings")
   _check_embeddings(path, emb)
   if emb.ndim == 2:
     n = emb.shape[0]

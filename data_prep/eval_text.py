@@ -87,6 +87,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from data_prep import decode
+from data_prep import text_generate
+from data_prep.text_generate import UserError
 from lcm_jax import schema
 
 TOOL = "data_prep.eval_text"
@@ -96,8 +99,9 @@ _STATS = ("mean", "median", "std", "min", "max")
 _RESERVED_TG_FLAGS = ("--prompt", "--prompt_file", "--concepts", "--out")
 
 
-class UserError(ValueError):
-  """A bad input or setting: reported as one ``error:`` line, exit status 2."""
+# Bad input or settings: one ``error:`` line, exit status 2 (UserError, shared with text_generate,
+# whose functions eval_text calls; decode.InputError from the files decode reads).
+USER_ERRORS = (UserError, decode.InputError)
 
 
 def _log(msg: str) -> None:
@@ -138,18 +142,8 @@ class Predictions:
     return int(self.predictions.shape[1])
 
 
-def _field(path: str, data: Any, name: str) -> np.ndarray:
-  try:
-    return np.asarray(data[name])
-  except KeyError:
-    raise UserError(f"{path}: field '{name}' is missing (fields: "
-                    f"{', '.join(sorted(data.keys())) or 'none'})") from None
-  except ValueError as e:  # object arrays need pickle, which is off
-    raise UserError(f"{path}: field '{name}' cannot be read without pickle ({e})") from None
-
-
 def _vectors(path: str, data: Any, name: str, shape: Optional[tuple[int, ...]]) -> np.ndarray:
-  x = _field(path, data, name)
+  x = decode.npz_field(path, data, name)
   if shape is None:
     if x.ndim != 2 or x.shape[1] == 0:
       raise UserError(f"{path}: field '{name}': expected shape (N, S), got {x.shape}")
@@ -165,14 +159,9 @@ def _vectors(path: str, data: Any, name: str, shape: Optional[tuple[int, ...]]) 
 
 
 def read_predictions(path: str, max_rows: Optional[int] = None) -> Predictions:
-  """Reads ``--predictions`` (module docstring); UserError naming the file and field."""
-  from data_prep import decode  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file")
-  try:
-    data: Any = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
-    raise UserError(f"{path}: cannot read as .npy/.npz ({e})") from None
+  """Reads ``--predictions`` (module docstring); UserError or decode.InputError naming the file
+  and field."""
+  data = decode.load_npy_npz(path)
   if isinstance(data, np.ndarray) or "predictions" not in data:
     if not isinstance(data, np.ndarray):
       keys = sorted(data.keys())
@@ -181,10 +170,7 @@ def read_predictions(path: str, max_rows: Optional[int] = None) -> Predictions:
         raise UserError(f"{path}: field 'predictions' is missing (fields: "
                         f"{', '.join(keys) or 'none'}); expected lcm_jax.evaluate's "
                         "--save_predictions file (or generate's embeddings + lengths)")
-    try:
-      inp = decode.read_input(path)
-    except decode.InputError as e:
-      raise UserError(str(e)) from None
+    inp = decode.read_input(path)
     ids = [rid for rid, n in zip(inp.ids, inp.lengths.tolist()) for _ in range(n)]
     concept = [j for n in inp.lengths.tolist() for j in range(n)]
     out = Predictions(inp.concepts, None, {"id": ids, "concept": concept})
@@ -196,7 +182,7 @@ def read_predictions(path: str, max_rows: Optional[int] = None) -> Predictions:
       extra: dict[str, list[Any]] = {}
       for name in ("doc_index", "position"):
         if name in data:
-          a = _field(path, data, name)
+          a = decode.npz_field(path, data, name)
           if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
             raise UserError(f"{path}: field '{name}': expected ({n},) integers, got {a.shape} "
                             f"{a.dtype}")
@@ -228,7 +214,7 @@ def roundtrip_metrics(pred: np.ndarray, reencoded: np.ndarray,
 
 def run_roundtrip(a: argparse.Namespace) -> dict[str, Any]:
   """The ``roundtrip`` subcommand after flag parsing; returns the JSON written to ``--out``."""
-  from data_prep import decode, sonar  # pylint: disable=g-import-not-at-top
+  from data_prep import sonar  # pylint: disable=g-import-not-at-top
   for flag in ("beam_size", "batch_size", "decode_max_len"):
     low = 3 if flag == "decode_max_len" else 1
     if getattr(a, flag) < low:
@@ -379,7 +365,6 @@ def read_pairs(path: str, source_field: str, target_field: str,
 
 def _generation_args(extras: Sequence[str]) -> argparse.Namespace:
   """``data_prep.text_generate``'s flags (its parser, defaults and checks) from ``extras``."""
-  from data_prep import text_generate  # pylint: disable=g-import-not-at-top
   for x in extras:
     if x.split("=", 1)[0] in _RESERVED_TG_FLAGS:
       raise UserError(f"{x.split('=', 1)[0]}: not a flag of eval_text rouge (the prompts come "
@@ -391,7 +376,6 @@ def _generation_args(extras: Sequence[str]) -> argparse.Namespace:
 
 def run_rouge(a: argparse.Namespace, extras: Sequence[str]) -> dict[str, Any]:
   """The ``rouge`` subcommand after flag parsing; returns the JSON written to ``--out``."""
-  from data_prep import decode, text_generate  # pylint: disable=g-import-not-at-top
   g = _generation_args(extras)
   if a.batch_size < 1:
     raise UserError(f"--batch_size: must be >= 1, got {a.batch_size}")
@@ -408,20 +392,14 @@ def run_rouge(a: argparse.Namespace, extras: Sequence[str]) -> dict[str, Any]:
   prefix = [a.source_prefix] if a.source_prefix else []
   suffix = [a.source_suffix] if a.source_suffix else []
   t0 = time.time()
-  try:
-    models = text_generate.load_models(g)  # once: a --workdir is exported once
-  except text_generate.UserError as e:
-    raise UserError(str(e)) from None
+  models = text_generate.load_models(g)  # once: a --workdir is exported once
   records: list[dict[str, Any]] = []
   for start in range(0, len(pairs), a.batch_size):
     batch = pairs[start:start + a.batch_size]
-    try:
-      # Every batch draws its noise from --seed afresh (module docstring).
-      generated, _ = text_generate.generate_texts(
-          models, g, [(f"{a.data}:{p.line}", p.source) for p in batch], prefix=prefix,
-          suffix=suffix)
-    except text_generate.UserError as e:
-      raise UserError(str(e)) from None
+    # Every batch draws its noise from --seed afresh (module docstring).
+    generated, _ = text_generate.generate_texts(
+        models, g, [(f"{a.data}:{p.line}", p.source) for p in batch], prefix=prefix,
+        suffix=suffix)
     for p, rec in zip(batch, generated):
       records.append({"id": p.id, "line": p.line, "prompt_sentences": rec["prompt_sentences"],
                       "sentences": rec["sentences"], "text": rec["text"], "target": p.target,
@@ -531,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       run_roundtrip(a)
     else:
       run_rouge(a, extras)
-  except UserError as e:
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
