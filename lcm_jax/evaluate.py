@@ -242,6 +242,7 @@ class Evaluator:
     from lcm_jax import models  # pylint: disable=g-import-not-at-top
     from lcm_jax import predict  # pylint: disable=g-import-not-at-top
     from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
+    from lcm_jax import train  # pylint: disable=g-import-not-at-top
     from lcm_jax.generate import normalizer_buffers  # pylint: disable=g-import-not-at-top
     self.setup, self.settings = s, settings
     cfg = s.model_cfg
@@ -277,7 +278,7 @@ class Evaluator:
         return out, raw
       return out
 
-    batch_shardings = {k: sharding.batch_sharding(s.mesh, nd) for k, nd in _BATCH_NDIM.items()}
+    batch_shardings = train.batch_shardings(s.mesh)
     rep = sharding.replicated(s.mesh)
     out_shardings = (rep, sharding.batch_sharding(s.mesh, 3)) if with_preds else rep
     self._step = sharding.jit_under_mesh(
@@ -352,9 +353,6 @@ class Evaluator:
       if sums:
         result[name] = finalize(sums)
     return result
-
-
-_BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask": 2}
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -120,8 +120,13 @@ def main(argv) -> int:
     return 0
 
   from lcm_jax import distributed  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
   try:
     distributed.initialize(_DISTRIBUTED.value, _DISTRIBUTED_TIMEOUT.value)
+    # Processes started with different configs would fail later in obscure ways.
+    fingerprint = hashlib.sha1(f"{config.to_json()}\n{os.path.abspath(workdir)}".encode())
+    distributed.agree("config+workdir fingerprint", fingerprint.hexdigest()[:16],
+                      _DISTRIBUTED_TIMEOUT.value)
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -130,14 +135,6 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # progress and info lines come from process 0 only
   from lcm_jax import train  # pylint: disable=g-import-not-at-top  (keeps describe light)
   from lcm_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
-  try:  # processes started with different configs would fail later in obscure ways
-    fingerprint = hashlib.sha1(f"{config.to_json()}\n{os.path.abspath(workdir)}".encode())
-    distributed.agree("config+workdir fingerprint", fingerprint.hexdigest()[:16],
-                      _DISTRIBUTED_TIMEOUT.value)
-  except distributed.DistributedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   logging.info("workdir: %s", os.path.abspath(workdir))
   logging.info("%s", distributed.describe_devices())
   try:

@@ -193,13 +193,18 @@ def make_train_step(s: Setup):
                "num_targets": count}
     return new_state, metrics
 
-  batch_shardings = {k: sharding.batch_sharding(s.mesh, nd) for k, nd in _BATCH_NDIM.items()}
-  return sharding.jit_under_mesh(step, s.mesh, in_shardings=(s.state_shardings, batch_shardings),
+  return sharding.jit_under_mesh(step, s.mesh,
+                                 in_shardings=(s.state_shardings, batch_shardings(s.mesh)),
                                  out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
                                  donate_argnums=0)
 
 
 _BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask": 2}
+
+
+def batch_shardings(mesh: Any) -> dict[str, Any]:
+  """The shardings of a global batch's arrays (:mod:`lcm_jax.data`'s keys) over data x fsdp."""
+  return {k: sharding.batch_sharding(mesh, nd) for k, nd in _BATCH_NDIM.items()}
 
 
 def make_eval_step(s: Setup):
