@@ -4,7 +4,8 @@ Runs in its own small environment (XManager pins protobuf < 7, the project needs
 
   python3.11 -m venv .xmvenv && .xmvenv/bin/pip install -r launch/requirements-xm.txt
 
-This file imports neither lcm_jax nor JAX: it only builds command lines. Every work unit runs
+Importing this file loads neither JAX, lcm_jax nor XManager (XManager and the standard-library-only
+lcm_jax.fileio are imported when used): it only builds command lines. Every work unit runs
 
   python -m lcm_jax.main --config=CONFIG --workdir=ROOT/NAME/WID [--config.KEY=VALUE ...]
 
@@ -239,10 +240,9 @@ def record(units: Sequence[WorkUnit], root: str, name: str, executor: str, pytho
   data = {"name": name, "executor": executor, "experiment_id": experiment_id,
           "work_units": [{"wid": u.wid, "overrides": u.overrides, "workdir": u.workdir,
                           "command": shell_command(python, u.args)} for u in units]}
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2)
-    f.write("\n")
-  return path
+  from lcm_jax import fileio  # pylint: disable=g-import-not-at-top  (stdlib only, no numpy/JAX)
+  return fileio.write_file_atomic(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"),
+                                  suffix=".json")
 
 
 # ------------------------------------------------------------------------------------------------

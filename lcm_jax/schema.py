@@ -32,9 +32,11 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
+
+from lcm_jax.fileio import write_file_atomic  # also re-exported: schema.write_file_atomic
 
 MAGIC = b"LCMD"
 VERSION = 1
@@ -214,27 +216,6 @@ def read_shard(path: str, expected_dim: int | None = None) -> list[Document]:
     return out
   finally:
     reader.close()
-
-
-def write_file_atomic(path: str, write: Callable[[IO[Any]], None], *, binary: bool = False,
-                      suffix: str = "") -> str:
-  """Calls ``write(f)`` on a temporary file beside ``path``, gives it the usual file mode (mkstemp
-  creates 0600) and renames it to ``path``; on any error the temporary file is removed and
-  ``path`` is untouched. Every tool's single-file output goes through here."""
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
-  try:
-    with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-      write(f)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

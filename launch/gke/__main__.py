@@ -24,6 +24,7 @@ import sys
 from typing import Sequence
 
 from launch.gke import render
+from lcm_jax import fileio
 
 
 def _nonneg_or_none(text: str) -> int | None:
@@ -187,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if a.output:
-    with open(a.output, "w") as f:
-      f.write(text)
+    fileio.write_file_atomic(a.output, lambda f: f.write(text), suffix=".yaml")
   else:
     sys.stdout.write(text)
   return 0
