@@ -14,6 +14,7 @@ pre-trained run:
 """
 
 from configs import base
+from lcm_jax import errors
 
 
 def get_config(variant: str = ""):
@@ -34,7 +35,7 @@ def get_config(variant: str = ""):
   elif variant == "sft":
     apply_sft_recipe(c)
   elif variant:
-    raise ValueError(f"configs/mse_1b6.py: unknown variant {variant!r} "
+    raise errors.ConfigError(f"configs/mse_1b6.py: unknown variant {variant!r} "
                      "(expected '', 'tiny', 'bench' or 'sft')")
   return c
 

@@ -22,6 +22,7 @@ recipe: AdamW 4e-4, betas (0.9, 0.95), eps 1e-5, wd 0.1, warmup 10k from 1e-7, c
 
 from configs import base
 from configs import mse_1b6
+from lcm_jax import errors
 
 
 def apply_variant(c, variant: str, config_file: str):
@@ -40,7 +41,7 @@ def apply_variant(c, variant: str, config_file: str):
   elif variant == "sft":
     mse_1b6.apply_sft_recipe(c)
   elif variant:
-    raise ValueError(f"{config_file}: unknown variant {variant!r} "
+    raise errors.ConfigError(f"{config_file}: unknown variant {variant!r} "
                      "(expected '', 'tiny', 'bench' or 'sft')")
   return c
 

@@ -31,8 +31,10 @@ name or a local card ``.yaml``/directory (``--tokenizer`` also a sentencepiece `
 :mod:`data_prep.sonar` for the loading rules, devices and dtypes.
 
 User errors (a missing file, a missing or malformed field, a concept dimension that is not the
-decoder's, lengths beyond the padded axis, a model that cannot load) print one ``error: ...`` line
-naming the file and field (or flag) and exit with status 2; no output file is written.
+decoder's, lengths beyond the padded axis, a model that cannot load, an ``--out`` that is a
+directory or cannot be written) print one ``error: ...`` line naming the file and field (or flag)
+and exit with status 2; no output file is written (``--out`` is checked before anything is read).
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lcm_jax import fileio
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 from data_prep import sonar
 
@@ -55,7 +59,7 @@ TOOL = "data_prep.decode"
 _PROGRESS_EVERY_S = 10.0
 
 
-class InputError(ValueError):
+class InputError(UserError):
   """A bad ``--embeddings`` file; the message names the file and field."""
 
 
@@ -243,38 +247,45 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point; returns the exit status."""
+  """Command-line entry point; returns the exit status (2 on a user error: one line, nothing
+  written). Only the project's input checks (:class:`lcm_jax.errors.UserError`) become one line;
+  any other exception is a bug and keeps its traceback."""
   a = _parser().parse_args(argv)
+  try:
+    return _run(a)
+  except UserError as e:
+    return _fail(str(e))
+
+
+def _run(a: argparse.Namespace) -> int:
   for flag in ("beam_size", "batch_size", "max_len"):
     if getattr(a, flag) < (3 if flag == "max_len" else 1):
-      return _fail(f"--{flag}: must be >= {3 if flag == 'max_len' else 1}, got "
-                   f"{getattr(a, flag)}")
-  if os.path.isdir(a.out):
-    return _fail(f"--out {a.out}: is a directory")
+      raise UserError(f"--{flag}: must be >= {3 if flag == 'max_len' else 1}, got "
+                      f"{getattr(a, flag)}")
+  if not os.path.isfile(a.embeddings):
+    raise InputError(f"--embeddings {a.embeddings}: no such file")
+  fileio.check_output_path(a.out, "--out")
   if os.path.abspath(a.out) == os.path.abspath(a.embeddings):
-    return _fail(f"--out {a.out}: same file as --embeddings")
+    raise UserError(f"--out {a.out}: same file as --embeddings")
   t0 = time.time()
-  try:
-    inp = read_input(a.embeddings)
-  except InputError as e:
-    return _fail(str(e))
+  inp = read_input(a.embeddings)
   try:
     sonar.resolve_device(a.device)
-  except ValueError as e:
-    return _fail(f"--device {a.device}: {e}")
+  except UserError as e:
+    raise UserError(f"--device {a.device}: {e}") from None
   os.environ.setdefault("FAIRSEQ2_NO_PROGRESS", "1")  # no progress bars from fairseq2's loaders
   try:
     decoder = sonar.EmbeddingDecoder.load(a.decoder, a.tokenizer, device=a.device, dtype=a.dtype,
                                           batch_size=a.batch_size)
   except sonar.SonarLoadError as e:
-    return _fail(f"--decoder {a.decoder}: {e}")
+    raise UserError(f"--decoder {a.decoder}: {e}") from None
   if inp.dim != decoder.dim:
-    return _fail(f"{a.embeddings}: field 'embeddings': concept dim {inp.dim} != {decoder.dim}, "
-                 f"the input dim of decoder {a.decoder}")
+    raise InputError(f"{a.embeddings}: field 'embeddings': concept dim {inp.dim} != "
+                     f"{decoder.dim}, the input dim of decoder {a.decoder}")
   try:
     decoder.check_lang(a.target_lang)
-  except ValueError as e:
-    return _fail(f"--target_lang {a.target_lang}: {e}")
+  except UserError as e:
+    raise UserError(f"--target_lang {a.target_lang}: {e}") from None
   n = len(inp.concepts)
   _log(f"decoding {n} concepts of {len(inp.ids)} rows with {a.decoder} on {decoder.device} "
        f"({str(decoder.dtype).replace('torch.', '')}), beam {a.beam_size}, max_len {a.max_len}")

@@ -40,10 +40,20 @@ How the work is split (deterministic, independent of ``--num_workers``):
     every planned shard and its counts (documents written + documents skipped = documents planned)
     and writes ``manifest.json`` atomically.
 
+Document ids are unique within a dataset: before it writes anything (no ``--out`` directory, no
+plan, no shard), a worker that finds no ``plan.json`` reads every input once and stops with one
+``error: ...`` line naming the duplicate id and both records (file and line/row), exit status 2
+(:func:`data_prep.inputs.check_unique_ids`; a rerun that finds a matching plan skips the check,
+which the plan's writer passed). Ids derived from file names stay unique across directories (see
+:mod:`data_prep.inputs`).
+
 Bad input (a missing field, non-UTF-8 bytes, an empty file, an unreadable Parquet file, a document
 with no sentences) stops the worker with one ``error: ...`` line naming the file and line/row,
 exit status 2; finished shards stay valid. ``--on_error=skip`` skips such documents instead, logs
-each and counts them in the parts and the manifest.
+each and counts them in the parts and the manifest. An ``--out`` that is a file or cannot be
+created is refused before any work. Only the project's input checks
+(:class:`lcm_jax.errors.UserError`) become one line; any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -60,7 +70,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from lcm_jax import fileio
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 TOOL = "data_prep.embed"
 PLAN_NAME = "plan.json"
@@ -72,7 +84,7 @@ DEFAULT_SAT = "sat-3l"
 log = logging.getLogger(TOOL)
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError):
   """A user error of the embedding job (bad flags, a plan mismatch, a document with no sentences)."""
 
 
@@ -150,8 +162,11 @@ def _plan_doc(shards: Sequence[PlannedShard], sources: Sequence[Any],
   }
 
 
-def _check_or_write_plan(out: str, plan: dict[str, Any]) -> None:
-  """Writes ``OUT/plan.json``, or checks that an existing one describes the same work."""
+def _check_or_write_plan(out: str, plan: dict[str, Any], check_new: Any = None) -> None:
+  """Writes ``OUT/plan.json``, or checks that an existing one describes the same work.
+
+  ``check_new()`` runs first when there is no plan yet (the id check), before ``out`` is created.
+  """
   path = os.path.join(out, PLAN_NAME)
   if os.path.exists(path):
     with open(path) as f:
@@ -170,6 +185,9 @@ def _check_or_write_plan(out: str, plan: dict[str, Any]) -> None:
           f"{path}: field(s) {', '.join(diff)} differ from this run{detail}: {out} holds shards of "
           "other inputs or settings. Rerun with the original flags, or use a new --out.")
     return
+  if check_new is not None:
+    check_new()
+  os.makedirs(out, exist_ok=True)
   schema.write_json_atomic(path, plan)
 
 
@@ -570,9 +588,11 @@ def _settings(a: argparse.Namespace, inputs: Sequence[str]) -> dict[str, Any]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from data_prep import inputs, sat, sonar  # pylint: disable=g-import-not-at-top
-  return (EmbedError, schema.ShardFormatError, inputs.InputError, sat.SegmenterLoadError,
-          sonar.SonarLoadError, FileNotFoundError)
+  """The errors that print one line: the project's input checks only (EmbedError, InputError,
+  ShardFormatError, SegmenterLoadError, SonarLoadError, ... all subclass UserError). Importing
+  the model modules here also finds a missing 'data' extra early."""
+  from data_prep import inputs, sat, sonar  # pylint: disable=g-import-not-at-top,unused-import
+  return (UserError,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -603,6 +623,7 @@ def _run(a: argparse.Namespace) -> int:
   if a.merge:
     merge(a.out)
     return 0
+  fileio.check_output_path(a.out, "--out", directory=True)
   inputs = _split_inputs(a.input)
   if not inputs:
     raise EmbedError("--input: at least one path, glob or tfds:NAME:SPLIT is required")
@@ -620,8 +641,13 @@ def _run(a: argparse.Namespace) -> int:
   if not plan:
     raise EmbedError(f"--input: {inputs} hold no documents")
   settings = _settings(a, inputs)
-  os.makedirs(a.out, exist_ok=True)
-  _check_or_write_plan(a.out, _plan_doc(plan, sources, settings))
+
+  def check_ids() -> None:
+    t0 = time.time()
+    n = inputs_lib.check_unique_ids(sources)
+    log.info("%d document ids checked: unique (%.1f s)", n, time.time() - t0)
+
+  _check_or_write_plan(a.out, _plan_doc(plan, sources, settings), check_new=check_ids)
   mine = [s for s in plan if s.index % a.num_workers == worker]
   if all(_read_part(a.out, s) is not None for s in mine):
     log.info("worker %d/%d: all %d shard(s) already finished", worker, a.num_workers, len(mine))

@@ -70,9 +70,10 @@ rouge
   per prompt concept).
 
 User errors (a missing file, a missing or malformed field, an empty data file, a dimension that is
-not the encoder's/decoder's, a model that does not load, bad settings) print one ``error: ...``
-line naming the file, the record/line and the field (or the flag) and exit with status 2; nothing
-is written.
+not the encoder's/decoder's, a model that does not load, an output path that is a directory or
+cannot be written, bad settings) print one ``error: ...`` line naming the file, the record/line
+and the field (or the flag) and exit with status 2; nothing is written (the output paths are
+checked before any work). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ import numpy as np
 from data_prep import decode
 from data_prep import text_generate
 from data_prep.text_generate import UserError
+from lcm_jax import errors
+from lcm_jax import fileio
 from lcm_jax import schema
 
 TOOL = "data_prep.eval_text"
@@ -99,9 +102,11 @@ _STATS = ("mean", "median", "std", "min", "max")
 _RESERVED_TG_FLAGS = ("--prompt", "--prompt_file", "--concepts", "--out")
 
 
-# Bad input or settings: one ``error:`` line, exit status 2 (UserError, shared with text_generate,
-# whose functions eval_text calls; decode.InputError from the files decode reads).
-USER_ERRORS = (UserError, decode.InputError)
+# Bad input or settings: one ``error:`` line, exit status 2: text_generate's UserError (shared with
+# text_generate, whose functions eval_text calls) and the project's lcm_jax.errors.UserError
+# (decode.InputError, sonar's checks and load errors, ...). Nothing else: any other exception,
+# a ValueError from a library included, is a bug and keeps its traceback.
+USER_ERRORS = (UserError, errors.UserError)
 
 
 def _log(msg: str) -> None:
@@ -109,10 +114,13 @@ def _log(msg: str) -> None:
 
 
 def _check_out(flag: str, path: Optional[str], inputs: Sequence[str] = ()) -> None:
+  """Before any work: ``path`` can be written (not a directory, its directory writable or
+  creatable) and is none of ``inputs``."""
   if path is None:
     return
   if os.path.isdir(path):
     raise UserError(f"{flag} {path}: is a directory")
+  fileio.check_output_path(path, flag)
   for other in inputs:
     if os.path.abspath(path) == os.path.abspath(other):
       raise UserError(f"{flag} {path}: same file as the input {other}")
@@ -221,23 +229,25 @@ def run_roundtrip(a: argparse.Namespace) -> dict[str, Any]:
       raise UserError(f"--{flag}: must be >= {low}, got {getattr(a, flag)}")
   if a.max is not None and a.max < 1:
     raise UserError(f"--max: must be >= 1, got {a.max}")
+  if not os.path.isfile(a.predictions):
+    raise UserError(f"--predictions {a.predictions}: no such file")
   _check_out("--out", a.out, [a.predictions])
   _check_out("--texts", a.texts, [a.predictions] + ([a.out] if a.out else []))
   t0 = time.time()
   inp = read_predictions(a.predictions, a.max)
   try:
     sonar.resolve_device(a.device)
-  except ValueError as e:
+  except errors.UserError as e:
     raise UserError(f"--device {a.device}: {e}") from None
   os.environ.setdefault("FAIRSEQ2_NO_PROGRESS", "1")
-  try:
+  try:  # SonarLoadError and sonar's setting checks: user errors; anything else is a bug
     decoder = sonar.load_text_decoder(a.decoder, a.tokenizer, device=a.device, dtype=a.dtype,
                                       batch_size=a.batch_size)
-  except (sonar.SonarLoadError, ValueError) as e:
+  except errors.UserError as e:
     raise UserError(f"--decoder {a.decoder}: {e}") from None
   try:
     encoder = sonar.load_text_encoder(a.encoder, a.tokenizer, device=a.device, dtype=a.dtype)
-  except (sonar.SonarLoadError, ValueError) as e:
+  except errors.UserError as e:
     raise UserError(f"--encoder {a.encoder}: {e}") from None
   for flag, spec, dim in (("--decoder", a.decoder, decoder.dim),
                           ("--encoder", a.encoder, encoder.dim)):
@@ -246,7 +256,7 @@ def run_roundtrip(a: argparse.Namespace) -> dict[str, Any]:
                       f"dimension of {flag} {spec}")
   try:
     decoder.check_lang(a.lang)
-  except ValueError as e:
+  except errors.UserError as e:
     raise UserError(f"--lang {a.lang}: {e}") from None
   n = len(inp.predictions)
   _log(f"decoding and re-encoding {n} predictions with {a.decoder} / {a.encoder} on "
@@ -479,7 +489,8 @@ def _parser() -> argparse.ArgumentParser:
              "and defaults): --card | --workdir [--step], --sat_model, --sat_tokenizer, "
              "--encoder, --decoder, --tokenizer, --lang, --target_lang, --eot_text, --eot_lang "
              "(also the language of --source_prefix/--source_suffix), --max_len, "
-             "--min_len, --eot_threshold, --repetition_threshold, --temperature, "
+             "--min_gen_len, --eot_threshold, --repetition_threshold, "
+             "--[no-]sample_latent_variable, --temperature, "
              "--sampler_steps, --guidance_scale, --guidance_rescale, --initial_noise_scale, "
              "--eta, --seed, --beam_size, --decode_max_len, --device, ...; see its --help.")
   g.add_argument("--data", required=True, help="source/target pairs, .jsonl")

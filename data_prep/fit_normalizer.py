@@ -20,8 +20,27 @@ nothing is left behind. ``--set_manifest`` then records the file's name in the `
 of the manifest of every ``--data`` directory that holds the file, which is where training looks
 when ``config.data.normalizer`` is empty (:func:`lcm_jax.data.resolve_normalizer_path`).
 
-A user error (a missing or malformed dataset, a bad weight, datasets of different dims, a bad flag)
-prints one ``error: ...`` line naming the directory or file and exits with status 2.
+Degenerate fits are refused (one ``error:`` line, exit status 2, nothing written):
+
+* fewer than ``--min_samples`` vectors (default 401, :data:`DEFAULT_MIN_SAMPLES`): the scale is the
+  spread between the 0.25th and the 0.75th PERCENTILE, and with n samples the 0.25th percentile
+  sits at order statistic ``0.0025 * (n - 1)``; below 401 samples it is an interpolation between
+  the smallest and the second-smallest value, so the scale would measure the one or two most
+  extreme values of each dim (one vector: every dim gets sklearn's fallback 2.669). A smaller
+  ``--min_samples`` (>= 2) allows such fits for tiny demo corpora;
+* EVERY dimension with zero spread (the sample is copies of one vector): nothing was measured.
+
+A dimension whose spread is zero (constant, or more than 0.75% of the sample tied at the low end,
+typically the end-of-text vector repeated in every document: see ``--exclude_last``) gets sklearn's
+fallback ``scale = 1 / 0.3747 = 2.669``, which measures nothing. When only some dims are like that
+it is a WARNING in the summary (``warning: ... dims have zero spread``, naming them), not an
+error: it is what the reference's own sklearn fit does on data with end-of-text vectors, the
+rest of the normalizer is sound, and ``--exclude_last`` is the usual fix.
+
+A user error (a missing or malformed dataset, a bad weight, datasets of different dims, an
+``--out`` that is a directory or cannot be created, a degenerate fit, a bad flag) prints one
+``error: ...`` line naming the directory, file or flag and exits with status 2; ``--out`` is
+checked before anything is read. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -36,15 +55,20 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
+from lcm_jax import fileio
 from lcm_jax import normalizer as normalizer_lib
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 TOOL = "data_prep.fit_normalizer"
 DEFAULT_MAX_SAMPLES = 1_000_000
+# The 0.25th percentile of n values is at order statistic 0.0025 * (n - 1): at least the second
+# smallest value (index 1) from n = 401 on; fewer samples measure the minimum (module docstring).
+DEFAULT_MIN_SAMPLES = math.floor(100.0 / normalizer_lib.DEFAULT_QUANTILE_RANGE[0]) + 1
 
 
-class UsageError(ValueError):
-  """A bad flag or dataset: reported as one ``error:`` line, exit status 2."""
+class UsageError(UserError):
+  """A bad flag or dataset, or a degenerate fit: reported as one ``error:`` line, exit status 2."""
 
 
 def parse_data_arg(text: str) -> tuple[str, float]:
@@ -108,10 +132,7 @@ def _check_datasets(data: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
       raise UsageError(f"--data {path}: the same dataset as --data {seen[key]} (give it once, "
                        "with the sum of the weights)")
     seen[key] = path
-    try:
-      manifests.append(schema.read_manifest(path))
-    except schema.ShardFormatError as e:
-      raise UsageError(str(e)) from None
+    manifests.append(schema.read_manifest(path))  # ShardFormatError (a UserError) names the file
   dims = {int(m["dim"]) for m in manifests}
   if len(dims) > 1:
     detail = ", ".join(f"{p} has dim {m['dim']}" for (p, _), m in zip(data, manifests))
@@ -128,7 +149,7 @@ def _manifest_dirs_holding(out: str, data: Sequence[tuple[str, float]]) -> list[
 def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAULT_MAX_SAMPLES,
         seed: int = 0, clip_quantiles: tuple[float, float] | None = None,
         exclude_last: bool = False, compute_dtype: str = "float64", set_manifest: bool = False,
-        verbose: bool = True) -> normalizer_lib.Normalizer:
+        min_samples: int = DEFAULT_MIN_SAMPLES, verbose: bool = True) -> normalizer_lib.Normalizer:
   """Samples, fits and writes the normalizer to ``out``; returns it.
 
   Args:
@@ -141,10 +162,12 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
     compute_dtype: ``"float64"`` (most accurate) or ``"float32"`` (the reference's own precision).
     set_manifest: write ``basename(out)`` into the ``normalizer`` field of the manifest of every
       dataset directory that holds ``out`` (at least one must).
+    min_samples: refuse a sample of fewer vectors (module docstring; at least 2).
     verbose: print the summary.
 
   Raises:
-    UsageError: naming the directory, file or flag; nothing has been written then.
+    lcm_jax.errors.UserError: (UsageError, ShardFormatError, NormalizerError) naming the
+      directory, file or flag; nothing has been written then.
   """
   log = (lambda msg: print(f"[{TOOL}] {msg}", flush=True)) if verbose else (lambda msg: None)
   t0 = time.time()
@@ -154,9 +177,12 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
     raise UsageError(f"--max_samples must be >= 1, got {max_samples}")
   if compute_dtype not in ("float64", "float32"):
     raise UsageError(f"--compute_dtype must be float64 or float32, got {compute_dtype!r}")
+  if min_samples < 2:
+    raise UsageError(f"--min_samples must be >= 2, got {min_samples}")
   if os.path.isdir(out):
     raise UsageError(f"--out {out}: is a directory; give a file name such as "
                      f"{os.path.join(out, normalizer_lib.NORMALIZER_NAME)}")
+  fileio.check_output_path(out, "--out")
   manifests = _check_datasets(data)
   holders = _manifest_dirs_holding(out, data)
   if set_manifest and not holders:
@@ -165,15 +191,28 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
 
   weights = [w for _, w in data]
   counts, sizes = planned_counts(manifests, weights, max_samples, exclude_last)
-  try:
-    x = normalizer_lib.sample_embeddings(list(data), max_samples, seed, exclude_last=exclude_last)
-  except ValueError as e:  # schema.ShardFormatError included: names the shard and the field
-    raise UsageError(str(e)) from None
+  _check_sample_size(data, sizes, int(counts.sum()), max_samples, min_samples, exclude_last)
+  x = normalizer_lib.sample_embeddings(list(data), max_samples, seed, exclude_last=exclude_last)
   t_sample = time.time() - t0
-  if len(x) == 0:
-    raise UsageError("--data: the datasets hold no concepts to sample")
+  _check_sample_size(data, sizes, len(x), max_samples, min_samples, exclude_last)
+  zero_spread: list[int] = []
   norm = normalizer_lib.fit_robust_scaler(x, clip_quantiles=clip_quantiles,
-                                          compute_dtype=np.dtype(compute_dtype))
+                                          compute_dtype=np.dtype(compute_dtype),
+                                          zero_spread=zero_spread)
+  zero_msg = None
+  if zero_spread:
+    shown = ", ".join(str(d) for d in zero_spread[:8]) + (", ..." if len(zero_spread) > 8 else "")
+    zero_msg = (f"{_describe(data, sizes, exclude_last)}: {len(zero_spread)} of {x.shape[1]} "
+                f"dims have zero spread between the {norm.quantile_range[0]:g}th and "
+                f"{norm.quantile_range[1]:g}th percentiles of the {len(x)} sampled vectors (dims "
+                f"{shown}); such a dim gets sklearn's fallback scale "
+                f"{1.0 / normalizer_lib.unit_variance_adjust(norm.quantile_range):.4g}, which "
+                "measures nothing")
+    if len(zero_spread) == x.shape[1]:
+      raise UsageError(f"{zero_msg}: every dim, so the sample is copies of one vector; refusing "
+                       "to write a normalizer that measured nothing")
+    if not exclude_last:
+      zero_msg += " (if the end-of-text vector pins them, --exclude_last leaves it out)"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   norm.save(out)
   updated = []
@@ -202,12 +241,37 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
       f"{norm.quantile_range} percent{clip}): mean scale {float(norm.scale.mean()):.4g}, mean "
       f"|center| {float(np.abs(norm.center).mean()):.4g}; sampling {t_sample:.1f} s, total "
       f"{time.time() - t0:.1f} s -> {out}")
+  if zero_msg is not None:
+    log(f"warning: {zero_msg}")
   for path, old in updated:
     log(f"{path}: field 'normalizer' {old!r} -> {os.path.basename(out)!r}")
   not_updated = [d for d, _ in data if d not in holders]
   if set_manifest and not_updated:
     log(f"manifest not changed for {', '.join(not_updated)} (--out is not in that directory)")
   return norm
+
+
+def _describe(data: Sequence[tuple[str, float]], sizes: np.ndarray, exclude_last: bool) -> str:
+  what = "concepts without end of text" if exclude_last else "concepts"
+  return "--data " + ", ".join(f"{d} ({int(n)} {what})" for (d, _), n in zip(data, sizes))
+
+
+def _check_sample_size(data: Sequence[tuple[str, float]], sizes: np.ndarray, n: int,
+                       max_samples: int, min_samples: int, exclude_last: bool) -> None:
+  """UsageError naming the datasets and their counts if ``n`` vectors are too few to fit."""
+  if n >= min_samples:
+    return
+  if n == 0:
+    raise UsageError(f"{_describe(data, sizes, exclude_last)}: no concepts to sample")
+  if max_samples < min_samples:
+    cause = f"--max_samples {max_samples} is below --min_samples {min_samples}"
+  else:
+    cause = "the datasets hold too few concepts for the weighted shares"
+  raise UsageError(
+      f"{_describe(data, sizes, exclude_last)}: {n} vectors to fit on, fewer than --min_samples "
+      f"{min_samples} ({cause}). The scale is the spread between the 0.25th and 0.75th "
+      "percentiles; with fewer samples it measures only the most extreme values of each dim. "
+      "Give more data, or a smaller --min_samples (>= 2) for a demo corpus")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,7 +287,11 @@ def _parser() -> argparse.ArgumentParser:
       prog=f"python -m {TOOL}",
       description="Fit the SONAR normalizer (sklearn RobustScaler(unit_variance=True, "
                   "quantile_range=(0.25, 0.75)), optionally with clipping) on concept vectors "
-                  "sampled from a weighted mix of lcm_jax embedding datasets.",
+                  "sampled from a weighted mix of lcm_jax embedding datasets. Refused (exit 2): "
+                  "fewer than --min_samples vectors, or a sample with zero spread in every dim. "
+                  "A dim with zero spread (e.g. pinned by the end-of-text vector: see "
+                  "--exclude_last) is a warning in the summary; it gets sklearn's fallback scale "
+                  "2.669.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--data", action="append", required=True, metavar="DIR[:WEIGHT]",
                  help="an lcm_jax dataset directory (manifest.json + shards), with an optional "
@@ -249,6 +317,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--compute_dtype", choices=("float64", "float32"), default="float64",
                  help="precision of the fit (float32 = the reference's own; the file stores "
                       "float32 either way)")
+  p.add_argument("--min_samples", type=int, default=DEFAULT_MIN_SAMPLES,
+                 help="refuse to fit on fewer vectors: below 401 the 0.25th percentile is an "
+                      "interpolation from each dim's minimum, so the scale would measure the "
+                      "extreme values only (lower it, >= 2, for tiny demo corpora)")
   p.add_argument("--set_manifest", action="store_true",
                  help="write the file name into the 'normalizer' field of the manifest of each "
                       "--data directory that holds --out (training uses it when "
@@ -272,8 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.clip_quantiles is not None:
       clip = parse_clip_quantiles(a.clip_quantiles)
     fit(data, a.out, max_samples=a.max_samples, seed=a.seed, clip_quantiles=clip,
-        exclude_last=a.exclude_last, compute_dtype=a.compute_dtype, set_manifest=a.set_manifest)
-  except UsageError as e:
+        exclude_last=a.exclude_last, compute_dtype=a.compute_dtype, set_manifest=a.set_manifest,
+        min_samples=a.min_samples)
+  except UserError as e:  # only the project's input checks: anything else is a bug (traceback)
     _fail(str(e))
   return 0
 

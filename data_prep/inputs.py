@@ -27,9 +27,15 @@ Formats (``fmt="auto"`` picks one from the extension or the ``tfds:`` prefix):
 
 Fields (JSONL keys, Parquet columns, TFDS features): ``text_field`` (default ``text``), or
 ``source_field`` + ``target_field`` for fine-tuning pairs; ``id_field`` (default ``id``; when
-absent the id is ``"<basename>:<line>"``, ``"<basename>:<row>"`` or ``"NAME:SPLIT[i]"``). A dotted
-name (``meta.id``) reaches into nested objects / struct columns / nested features when no
-top-level field has that exact name.
+absent the id is ``"<basename>:<line>"``, ``"<basename>:<row>"`` or ``"NAME:SPLIT[i]"``; a plain
+text file read whole has its path as id). A dotted name (``meta.id``) reaches into nested objects /
+struct columns / nested features when no top-level field has that exact name.
+
+Document ids are unique within a dataset. Derived ids stay unique across files: when several
+inputs share a basename (``en/part-0.jsonl`` and ``fr/part-0.jsonl``), those files use their path
+relative to their common directory instead (``en/part-0.jsonl:3``). Ids taken from the data are
+checked by :func:`check_unique_ids`, which the embedding job runs over the whole global sequence
+before it writes anything; a duplicate raises :class:`InputError` naming the id and both records.
 
 TFDS without TensorFlow: ``tfds.data_source`` reads datasets prepared in the ``array_record``
 format (random access, no TensorFlow), and such a dataset can also be *prepared* without
@@ -38,7 +44,8 @@ prepared as ``tfrecord`` (the TFDS default) need TensorFlow to read; convert the
 (``tfds convert_format --out_file_format=array_record``, which needs TensorFlow) or re-prepare.
 Nothing is downloaded or prepared here (``download=False``).
 
-Errors: :class:`InputError`, naming the file, the line (1-based) or row (0-based) and the field.
+Errors: :class:`InputError` (a :class:`lcm_jax.errors.UserError`), naming the file, the line
+(1-based) or row (0-based) and the field. Other exceptions are bugs.
 File-level problems (a missing path, a glob matching nothing, an empty file, an unreadable Parquet
 file, a missing column) always raise. Problems of one document (a missing or non-string field, an
 empty text, invalid UTF-8, invalid JSON) raise with ``on_error="raise"`` (the default); with
@@ -52,6 +59,8 @@ encoder): ``lang`` by default, or per input with a ``@LANG`` suffix
 
 from __future__ import annotations
 
+import array
+import copy
 import dataclasses
 import glob
 import json
@@ -62,11 +71,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from lcm_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("text", "jsonl", "parquet", "tfds")
 TEXT_UNITS = ("file", "line", "paragraph")
 ON_ERROR = ("raise", "skip")
+_QUIET = "quiet"  # internal: bad documents passed over without a word (check_unique_ids)
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl",
               ".json": "jsonl", ".parquet": "parquet"}
 TFDS_PREFIX = "tfds:"
@@ -83,7 +95,7 @@ _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True  # \t \n \v \f \r space
 _NOT_WHITESPACE = ~_WHITESPACE
 
 
-class InputError(ValueError):
+class InputError(UserError):
   """Bad input. The message names the file (or TFDS dataset), the line/row and the field."""
 
 
@@ -168,6 +180,8 @@ class Source:
     self.lang = lang
     self.on_error = on_error
     self.num_skipped = 0
+    # The prefix of derived ids ("<prefix>:<line>"); open_sources makes it unique across files.
+    self.id_prefix = os.path.basename(name)
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.name!r}, lang={self.lang!r})"
@@ -204,6 +218,8 @@ class Source:
     raise NotImplementedError
 
   def _skip_or_raise(self, err: _DocError) -> None:
+    if self.on_error == _QUIET:  # check_unique_ids' pass: read() reports the document later
+      return
     if self.on_error == "raise":
       raise InputError(str(err)) from None
     self.num_skipped += 1
@@ -330,7 +346,6 @@ class _LineBasedSource(Source):
   def __init__(self, path: str, **kwargs: Any) -> None:
     super().__init__(path, **kwargs)
     self.path = path
-    self._basename = os.path.basename(path)
     self._spans: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # starts, ends, lines
     if not os.path.isfile(path):
       raise InputError(f"{path}: no such file")
@@ -415,7 +430,7 @@ class TextSource(_LineBasedSource):
     return self._spans
 
   def _parse(self, raw: bytes, offset: int, lineno: int) -> RawDoc:
-    base = self._basename
+    base = self.id_prefix
     if self.text_unit == "file":
       where, doc_id = self.path, self.path
       try:
@@ -459,7 +474,7 @@ class JsonlSource(_LineBasedSource):
         return RawDoc(id=doc_id, text=text, source=None, target=None, where=where, lang=self.lang)
     get = lambda field: _lookup(obj, field)
     text, source, target = self._content(get, where)
-    doc_id = self._id(get, where, f"{self._basename}:{lineno}")
+    doc_id = self._id(get, where, f"{self.id_prefix}:{lineno}")
     return RawDoc(id=doc_id, text=text, source=source, target=target, where=where, lang=self.lang)
 
 
@@ -594,7 +609,7 @@ class ParquetSource(Source):
     return self._cache[1]
 
   def _read(self, start: int, end: int) -> Iterator[RawDoc]:
-    base = os.path.basename(self.path)
+    base = self.id_prefix
     row = start
     while row < end:
       g = int(np.searchsorted(self._group_ends, row, side="right"))
@@ -850,4 +865,53 @@ def open_sources(inputs: Sequence[str], *, fmt: str = "auto", text_unit: str = "
         sources.append(ParquetSource(path, exact_sizes=exact_sizes, **common))
       else:
         raise InputError(f"{path}: format {kind!r} needs a tfds: spec, not a path")
+  _unique_id_prefixes(sources)
   return sources
+
+
+def _unique_id_prefixes(sources: Sequence[Source]) -> None:
+  """Files that share a basename get their path relative to their common directory as the
+  prefix of derived ids (``en/part-0.jsonl:3``); every other file keeps its basename."""
+  by_base: dict[str, list[Source]] = {}
+  for s in sources:
+    if not isinstance(s, TfdsSource):
+      by_base.setdefault(s.id_prefix, []).append(s)
+  for group in by_base.values():
+    if len(group) > 1:
+      paths = [os.path.abspath(s.name) for s in group]
+      common = os.path.commonpath([os.path.dirname(p) for p in paths])
+      for s, p in zip(group, paths):
+        s.id_prefix = os.path.relpath(p, common)
+
+
+def check_unique_ids(sources: Sequence[Source]) -> int:
+  """Raises :class:`InputError` if two documents of ``sources`` share an id; returns the count.
+
+  Reads every document once (bad documents are passed over here: :meth:`Source.read` reports or
+  skips them as ``on_error`` says) and keeps one 64-bit hash per id, so memory is 8 bytes per
+  document. Only if two hashes collide does a second pass compare the ids themselves; the error
+  names the id and both records (``file:line N`` / ``file:row N`` / ``tfds NAME:SPLIT[i]``), the
+  earlier one first.
+  """
+  def ids() -> Iterator[tuple[str, str]]:
+    for src in sources:
+      quiet = copy.copy(src)  # shares the index; bad documents are not logged nor counted here
+      quiet.on_error = _QUIET
+      for d in quiet.read():
+        yield d.id, d.where
+
+  hashes = array.array("q", (hash(i) for i, _ in ids()))
+  h = np.frombuffer(hashes, np.int64) if len(hashes) else np.zeros(0, np.int64)
+  h = np.sort(h)
+  clash = set(h[1:][h[1:] == h[:-1]].tolist())
+  if clash:
+    first: dict[str, str] = {}
+    for doc_id, where in ids():
+      if hash(doc_id) in clash:
+        if doc_id in first:
+          raise InputError(
+              f"{where}: duplicate document id {doc_id!r}, already used by {first[doc_id]} (ids "
+              "must be unique within a dataset: fix the data, or pick another --id_field, or "
+              "--id_field= (empty) for FILE:LINE ids)")
+        first[doc_id] = where
+  return len(hashes)

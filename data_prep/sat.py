@@ -85,6 +85,7 @@ import numpy as np
 
 from lcm_jax import normalizer as normalizer_lib
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 DEFAULT_MODEL = "sat-3l"
 HUB_PREFIX = "segment-any-text"
@@ -114,9 +115,10 @@ HOW_TO_PROVIDE = (
     "    then loads it without network).")
 
 
-class SegmenterLoadError(RuntimeError):
+class SegmenterLoadError(UserError, RuntimeError):
   """The SaT model or tokenizer could not be loaded; the message says what was tried and how to
-  provide a segmenter."""
+  provide a segmenter. A user error (the flags name the model); still a RuntimeError for callers
+  that caught it as one."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,15 +266,15 @@ class Segmenter:
                batch_size: int = 32, stride: int = SPLIT_STRIDE,
                block_size: int = SPLIT_BLOCK_SIZE, split_on_newlines: bool = True):
     if not 0.0 <= threshold <= 1.0:
-      raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+      raise UserError(f"threshold must be in [0, 1], got {threshold}")
     if max_chars < 1:
-      raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+      raise UserError(f"max_chars must be >= 1, got {max_chars}")
     if not 0.0 <= min_boundary_prob <= 1.0:
-      raise ValueError(f"min_boundary_prob must be in [0, 1], got {min_boundary_prob}")
+      raise UserError(f"min_boundary_prob must be in [0, 1], got {min_boundary_prob}")
     for name, v in (("text_batch_size", text_batch_size), ("batch_size", batch_size),
                     ("stride", stride), ("block_size", block_size)):
       if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+        raise UserError(f"{name} must be >= 1, got {v}")
     self.sat = sat
     self.threshold = float(threshold)
     self.max_chars = int(max_chars)
@@ -494,7 +496,7 @@ def build_tiny_sat(out_dir: str, seed: int = 0, overwrite: bool = False) -> dict
   renamed into place at the end, so a failure leaves nothing behind.
 
   Raises:
-    ValueError: if ``out_dir`` exists, is not empty and ``overwrite`` is False.
+    lcm_jax.errors.UserError: if ``out_dir`` exists, is not empty and ``overwrite`` is False.
   """
   import sentencepiece as spm
   import torch
@@ -505,7 +507,7 @@ def build_tiny_sat(out_dir: str, seed: int = 0, overwrite: bool = False) -> dict
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)) \
       and not overwrite:
-    raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    raise UserError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp: str | None = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)

@@ -105,6 +105,7 @@ import numpy as np
 
 from lcm_jax import normalizer as normalizer_lib
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 if TYPE_CHECKING:
   import torch
@@ -135,8 +136,10 @@ HOW_TO_LOCAL = (
     "--out=DIR, then pass DIR/tiny_sonar_encoder.yaml or DIR/tiny_sonar_decoder.yaml.")
 
 
-class SonarLoadError(RuntimeError):
-  """A SONAR model or tokenizer cannot be loaded; the message says what was tried and what to do."""
+class SonarLoadError(UserError, RuntimeError):
+  """A SONAR model or tokenizer cannot be loaded; the message says what was tried and what to do.
+  A user error (the flags name the model); still a RuntimeError for callers that caught it as one.
+  """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,9 +153,9 @@ def resolve_device(device: str | None = None) -> "torch.device":
   try:
     dev = torch.device(device)
   except (RuntimeError, TypeError) as e:
-    raise ValueError(f"device: cannot parse {device!r} ({e})") from None
+    raise UserError(f"device: cannot parse {device!r} ({e})") from None
   if dev.type == "cuda" and not torch.cuda.is_available():
-    raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    raise UserError(f"device: {device!r} requested but CUDA is not available")
   return dev
 
 
@@ -162,7 +165,7 @@ def resolve_dtype(dtype: str | None, device: "torch.device") -> "torch.dtype":
   if dtype is None:
     dtype = "float16" if device.type == "cuda" else "float32"
   if dtype not in DTYPES:
-    raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
   return getattr(torch, dtype)
 
 
@@ -232,8 +235,8 @@ def _load_card_file(path: str, kind: str) -> "AssetCard":
   if len(fits) != 1:
     what = f"a {kind} card" if kind == "tokenizer" else f"a model_family: {family} card"
     found = ", ".join(names) or "no cards"
-    raise ValueError(f"{path}: expected exactly one {what}, found {len(fits)} (cards: {found}); "
-                     "pass the card's .yaml file")
+    raise UserError(f"{path}: expected exactly one {what}, found {len(fits)} (cards: {found}); "
+                    "pass the card's .yaml file")
   return fits[0]
 
 
@@ -332,7 +335,7 @@ def load_text_encoder(encoder: str = DEFAULT_ENCODER, tokenizer: str | None = No
 
   Raises:
     SonarLoadError: if the model or tokenizer cannot be loaded.
-    ValueError: on a bad ``device``/``dtype``/``batch_size``/``max_tokens``.
+    UserError: on a bad ``device``/``dtype``/``batch_size``/``max_tokens``.
   """
   from sonar.inference_pipelines.text import TextToEmbeddingModelPipeline
   _check_positive("batch_size", batch_size)
@@ -352,7 +355,7 @@ def load_text_decoder(decoder: str = DEFAULT_DECODER, tokenizer: str | None = No
 
   Raises:
     SonarLoadError: if the model or tokenizer cannot be loaded.
-    ValueError: on a bad ``device``/``dtype``/``batch_size``.
+    UserError: on a bad ``device``/``dtype``/``batch_size``.
   """
   from sonar.inference_pipelines.text import EmbeddingToTextModelPipeline
   _check_positive("batch_size", batch_size)
@@ -369,7 +372,7 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    raise UserError(f"{name}: expected a positive int, got {value!r}")
 
 
 def _err(e: BaseException) -> str:
@@ -377,9 +380,9 @@ def _err(e: BaseException) -> str:
   return f"{type(e).__name__}: {str(e).strip().rstrip('.')}"
 
 
-def _unknown_lang(lang: str, e: Exception) -> ValueError:
-  return ValueError(f"lang: {lang!r} is not a language of this tokenizer ({e}); SONAR codes look "
-                    "like eng_Latn, fra_Latn, deu_Latn")
+def _unknown_lang(lang: str, e: Exception) -> UserError:
+  return UserError(f"lang: {lang!r} is not a language of this tokenizer ({e}); SONAR codes look "
+                   "like eng_Latn, fra_Latn, deu_Latn")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +479,7 @@ class SentenceEncoder:
     """(len(sentences), dim) float32 SONAR embeddings, row i for sentences[i].
 
     Raises:
-      ValueError: unknown ``lang``, bad ``batch_size``/``max_tokens``.
+      UserError: unknown ``lang``, bad ``batch_size``/``max_tokens``.
       TypeError: a sentence that is not a string.
     """
     import torch
@@ -538,21 +541,21 @@ class EmbeddingDecoder:
     return load_text_decoder(decoder, tokenizer, device, dtype, batch_size=batch_size)
 
   def check_embeddings(self, embeddings: Any, name: str = "embeddings") -> np.ndarray:
-    """``embeddings`` as a finite float32 (n, dim) array; ValueError naming ``name`` if not."""
+    """``embeddings`` as a finite float32 (n, dim) array; UserError naming ``name`` if not."""
     x = np.asarray(embeddings)
     if x.ndim != 2 or x.shape[1] != self.dim:
-      raise ValueError(f"{name}: expected shape (n, {self.dim}) for this decoder (dim "
-                       f"{self.dim}), got {x.shape}")
+      raise UserError(f"{name}: expected shape (n, {self.dim}) for this decoder (dim "
+                      f"{self.dim}), got {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"{name}: expected floats, got dtype {x.dtype}")
+      raise UserError(f"{name}: expected floats, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
       bad = int(np.argwhere(~np.isfinite(x))[0, 0])
-      raise ValueError(f"{name}: row {bad} is not finite")
+      raise UserError(f"{name}: row {bad} is not finite")
     return x
 
   def check_lang(self, lang: str) -> None:
-    """Raises ValueError if the tokenizer does not know the language code ``lang``."""
+    """Raises UserError if the tokenizer does not know the language code ``lang``."""
     from fairseq2.error import NotSupportedError
     try:
       self.tokenizer.create_encoder(lang=lang, mode="target")
@@ -567,7 +570,7 @@ class EmbeddingDecoder:
     ``progress(done, total)`` is called after every batch if given.
 
     Raises:
-      ValueError: wrong shape/dim or non-finite values, unknown ``target_lang``, bad settings.
+      UserError: wrong shape/dim or non-finite values, unknown ``target_lang``, bad settings.
     """
     import torch
 
@@ -577,8 +580,8 @@ class EmbeddingDecoder:
     _check_positive("beam_size", beam_size)
     _check_positive("max_len", max_len)
     if max_len < 3:
-      raise ValueError(f"max_len: {max_len} leaves no room for a token after the 2-token "
-                       "prefix </s> __lang__; use >= 3")
+      raise UserError(f"max_len: {max_len} leaves no room for a token after the 2-token "
+                      "prefix </s> __lang__; use >= 3")
     self.check_lang(target_lang)
     n = len(x)
     texts: list[str] = []
@@ -708,7 +711,7 @@ def build_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim"
   control symbols). Returns :func:`tiny_sonar_paths`.
 
   Raises:
-    ValueError: on a bad argument, or if ``out_dir`` exists, is not empty and ``overwrite`` is
+    UserError: on a bad argument, or if ``out_dir`` exists, is not empty and ``overwrite`` is
       False.
   """
   for name, v in (("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads),
@@ -717,12 +720,12 @@ def build_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim"
   ffn_dim = 4 * dim if ffn_dim is None else ffn_dim
   _check_positive("ffn_dim", ffn_dim)
   if dim % num_heads or (dim // num_heads) % 2:
-    raise ValueError(f"dim: {dim} must be a multiple of 2 * num_heads ({2 * num_heads})")
+    raise UserError(f"dim: {dim} must be a multiple of 2 * num_heads ({2 * num_heads})")
   if vocab_size < 100:
-    raise ValueError(f"vocab_size: {vocab_size} is too small (>= 100)")
+    raise UserError(f"vocab_size: {vocab_size} is too small (>= 100)")
   out = os.path.abspath(out_dir)
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
-    raise ValueError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    raise UserError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
   import torch
   from fairseq2.data.tokenizers import load_tokenizer
   from fairseq2.device import CPU
@@ -789,7 +792,7 @@ def ensure_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim
   Safe to call from several processes at once (each builds privately; the first rename wins).
 
   Raises:
-    ValueError: if ``out_dir`` holds tiny models built with another ``seed`` or ``dim``.
+    UserError: if ``out_dir`` holds tiny models built with another ``seed`` or ``dim``.
   """
   paths = tiny_sonar_paths(out_dir)
   if not os.path.exists(paths["info"]):
@@ -801,7 +804,7 @@ def ensure_tiny_sonar(out_dir: str, seed: int = 0, dim: int = TINY_DEFAULTS["dim
   with open(paths["info"], encoding="utf-8") as f:
     info = json.load(f)
   if info.get("seed") != seed or info.get("dim") != dim:
-    raise ValueError(f"{paths['info']}: holds tiny SONAR models with seed {info.get('seed')}, "
-                     f"dim {info.get('dim')}; expected seed {seed}, dim {dim}")
+    raise UserError(f"{paths['info']}: holds tiny SONAR models with seed {info.get('seed')}, "
+                    f"dim {info.get('dim')}; expected seed {seed}, dim {dim}")
   return paths
 

@@ -53,8 +53,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lcm_jax import fileio
 from lcm_jax import normalizer as normalizer_lib
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 TOOL = "data_prep.synthetic"
 PROCESS_NAME = "process.npz"
@@ -158,20 +160,20 @@ def load_process(data_dir: str) -> Process:
   """Reads ``DIR/process.npz`` written by :func:`generate`."""
   path = os.path.join(data_dir, PROCESS_NAME)
   if not os.path.exists(path):
-    raise ValueError(f"{path}: missing (is {data_dir} a data_prep.synthetic corpus?)")
+    raise UserError(f"{path}: missing (is {data_dir} a data_prep.synthetic corpus?)")
   try:
     with np.load(path, allow_pickle=False) as z:
       d = {k: z[k] for k in z.files}
   except Exception as e:  # zipfile.BadZipFile, ValueError, OSError
-    raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    raise UserError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
   for key in ("prototypes", "eot", "successors", "successor_probs", "start_probs", "noise_std",
               "proto_norm", "seed"):
     if key not in d:
-      raise ValueError(f"{path}: field '{key}': missing")
+      raise UserError(f"{path}: field '{key}': missing")
   p, dim = d["prototypes"].shape
   if d["eot"].shape != (dim,) or d["successors"].shape != (p, MAX_SUCCESSORS) or \
       d["successor_probs"].shape != (p, MAX_SUCCESSORS) or d["start_probs"].shape != (p,):
-    raise ValueError(
+    raise UserError(
         f"{path}: field 'successors': shapes inconsistent with prototypes ({p}, {dim})")
   return Process(prototypes=d["prototypes"], eot=d["eot"], successors=d["successors"],
                  successor_probs=d["successor_probs"], start_probs=d["start_probs"],
@@ -242,7 +244,7 @@ def make_process(dim: int, num_prototypes: int, seed: int, *, noise: float = DEF
 
 def _validate(num_docs: int, dim: int, num_prototypes: int, num_shards: int, noise: float,
               proto_norm: float, min_len: int, max_len: int, dtype: str) -> None:
-  """Raises ValueError with a message naming the bad flag."""
+  """Raises UserError with a message naming the bad flag."""
   checks = [
       (num_docs >= 1, f"--num_docs must be >= 1 (got {num_docs})"),
       (dim >= 1, f"--dim must be >= 1 (got {dim})"),
@@ -260,7 +262,7 @@ def _validate(num_docs: int, dim: int, num_prototypes: int, num_shards: int, noi
   ]
   for ok, msg in checks:
     if not ok:
-      raise ValueError(msg)
+      raise UserError(msg)
 
 
 def _documents(process: Process, num_docs: int, min_len: int, max_len: int, seed: int,
@@ -295,13 +297,14 @@ def generate(out: str, num_docs: int = DEFAULTS["num_docs"], dim: int = DEFAULTS
   """Writes a synthetic corpus to ``out`` and returns its manifest (see the module docstring).
 
   Raises:
-    ValueError: on a bad argument (before anything is written), or if ``out`` exists, is not
-      empty and ``overwrite`` is False.
+    lcm_jax.errors.UserError: on a bad argument, an ``out`` that is a file or cannot be created
+      (before anything is written), or if ``out`` exists, is not empty and ``overwrite`` is False.
   """
   _validate(num_docs, dim, num_prototypes, num_shards, noise, proto_norm, min_len, max_len, dtype)
+  fileio.check_output_path(out, "--out", directory=True)
   out = os.path.abspath(out)
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
-    raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    raise UserError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
   args = dict(out=out, num_docs=num_docs, dim=dim, seed=seed, num_prototypes=num_prototypes,
               num_shards=num_shards, noise=noise, proto_norm=proto_norm, min_len=min_len,
               max_len=max_len, dtype=dtype, texts=texts)
@@ -387,7 +390,7 @@ def ensure_corpus(path: str, dim: int = DEFAULTS["dim"], **kwargs: Any) -> dict[
   processes at once: each generates privately and the first rename wins.
 
   Raises:
-    ValueError: if an existing corpus has a different ``dim``.
+    lcm_jax.errors.UserError: if an existing corpus has a different ``dim``.
   """
   manifest_path = os.path.join(path, schema.MANIFEST_NAME)
   if not os.path.exists(manifest_path):
@@ -398,8 +401,8 @@ def ensure_corpus(path: str, dim: int = DEFAULTS["dim"], **kwargs: Any) -> dict[
         raise
   manifest = schema.read_manifest(path)
   if int(manifest["dim"]) != dim:
-    raise ValueError(f"{manifest_path}: field 'dim': corpus has dim {manifest['dim']}, expected "
-                     f"{dim} (delete {path} or point the config elsewhere)")
+    raise UserError(f"{manifest_path}: field 'dim': corpus has dim {manifest['dim']}, expected "
+                    f"{dim} (delete {path} or point the config elsewhere)")
   return manifest
 
 
@@ -442,8 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate(a.out, a.num_docs, a.dim, a.seed, num_prototypes=a.num_prototypes,
              num_shards=a.num_shards, noise=a.noise, proto_norm=a.proto_norm, min_len=a.min_len,
              max_len=a.max_len, dtype=a.dtype, texts=a.texts, overwrite=a.overwrite, verbose=True)
-  except ValueError as e:
-    parser.error(str(e))  # Exits with status 2 and the usage line.
+  except UserError as e:  # only the input checks; any other exception is a bug (traceback)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

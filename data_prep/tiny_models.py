@@ -15,6 +15,10 @@ Writes
 The weights are random: the sentences and texts they produce are meaningless, but every code path
 (segmentation, capping, SONAR's tokenizer, encoder and beam-search decoder) is the real one. Same
 seed, same bytes. Nothing is downloaded.
+
+Bad input (an ``--out`` that is a file or cannot be created, existing models without
+``--overwrite``, a bad size) prints one ``error: ...`` line and exits with status 2, before
+anything is written; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+from lcm_jax import fileio
+from lcm_jax.errors import UserError
 
 
 def paths(out: str) -> dict[str, str]:
@@ -63,9 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace existing models in --out")
   a = p.parse_args(argv)
   try:
+    fileio.check_output_path(a.out, "--out", directory=True)
+    if not a.overwrite:  # as both builders would, before any is built
+      for sub in ("sat", "sonar"):
+        d = os.path.join(a.out, sub)
+        if os.path.exists(d) and not (os.path.isdir(d) and not os.listdir(d)):
+          raise UserError(f"--out {a.out}: {d} exists and is not empty (pass --overwrite to "
+                          "replace it)")
+    if a.sonar_layers < 1:
+      raise UserError(f"--sonar_layers must be >= 1, got {a.sonar_layers}")
     got = build(a.out, seed=a.seed, sonar_dim=a.sonar_dim, overwrite=a.overwrite,
                 num_layers=a.sonar_layers)
-  except ValueError as e:
+  except UserError as e:  # only the input checks; any other exception is a bug (traceback)
     print(f"error: {e}", file=sys.stderr)
     return 2
   print("built; use these flags:")

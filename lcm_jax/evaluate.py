@@ -54,8 +54,11 @@ them: global batch, row, segment; a document of <= ``max_doc_len`` concepts is o
 ``position`` (N,) int64 (the target's index in its piece), the input of ``python -m
 data_prep.eval_text roundtrip``.
 
-User errors (no checkpoint, a dataset whose manifest ``dim`` is not the model's
-``sonar_embed_dim``, an empty eval set, bad flags) print one ``error: ...`` line and exit 2.
+User errors (:class:`lcm_jax.errors.UserError`: no checkpoint, a dataset whose manifest ``dim`` is
+not the model's ``sonar_embed_dim``, an empty eval set, an ``--out`` or ``--save_predictions``
+that is a directory or cannot be written, bad flags) print one ``error: ...`` line and exit 2;
+the output paths are checked before anything is read, so a bad one costs no evaluation and
+writes nothing. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ import numpy as np
 
 from lcm_jax import diffusion
 from lcm_jax import errors
+from lcm_jax import fileio
 
 Array = jax.Array
 
@@ -223,8 +227,9 @@ def contrastive_rows_for(config: Any, rows: int) -> int:
   if rows <= 0 or rows >= batch:
     return 0
   if batch % rows:
-    raise ValueError(f"contrastive rows ({rows}, config.train.eval_contrastive_rows or "
-                     f"--contrastive_rows) must divide config.data.global_batch_size ({batch})")
+    raise errors.UserError(f"contrastive rows ({rows}, config.train.eval_contrastive_rows or "
+                           f"--contrastive_rows) must divide config.data.global_batch_size "
+                           f"({batch})")
   return rows
 
 
@@ -452,21 +457,27 @@ def run_cli(fv: Any) -> dict[str, Any]:
   from lcm_jax import generate  # pylint: disable=g-import-not-at-top
   for name in ("workdir", "out"):
     if not fv[name].value:
-      raise ValueError(f"--{name} is required")
+      raise errors.UserError(f"--{name} is required")
+  # The outputs first: a bad path must not cost a whole evaluation (nor leave anything behind).
+  fileio.check_output_path(fv.out, "--out")
+  if fv.save_predictions:
+    fileio.check_output_path(fv.save_predictions, "--save_predictions")
+    if os.path.abspath(fv.save_predictions) == os.path.abspath(fv.out):
+      raise errors.UserError(f"--save_predictions {fv.save_predictions}: the same file as --out")
   if fv.batches < 0:
-    raise ValueError(f"--batches: expected >= 0, got {fv.batches}")
+    raise errors.UserError(f"--batches: expected >= 0, got {fv.batches}")
   step = generate.checkpoint_step(fv.workdir, fv.step)
   config = generate.load_checkpoint_config(fv.workdir, step)
   config.data.worker_count = 0
   if fv.batch_size is not None:
     if fv.batch_size < 1:
-      raise ValueError(f"--batch_size: expected >= 1, got {fv.batch_size}")
+      raise errors.UserError(f"--batch_size: expected >= 1, got {fv.batch_size}")
     config.data.global_batch_size = int(fv.batch_size)
   config.optimizer.grad_accum_steps = 1
   if fv.data:
     entries = data_lib.parse_dataset_spec(fv.data)
     if not entries:
-      raise ValueError(f"--data: no dataset in {fv.data!r}")
+      raise errors.UserError(f"--data: no dataset in {fv.data!r}")
     config.data.eval = fv.data
     data_desc = fv.data
   elif config.data.eval:
@@ -480,7 +491,7 @@ def run_cli(fv: Any) -> dict[str, Any]:
   sampler = generate.sampler_from_flags(
       fv, s.model_cfg.num_diffusion_train_steps if two_tower else None)
   if fv.contrastive_rows < 0:
-    raise ValueError(f"--contrastive_rows: expected >= 0, got {fv.contrastive_rows}")
+    raise errors.UserError(f"--contrastive_rows: expected >= 0, got {fv.contrastive_rows}")
   rows = contrastive_rows_for(config, fv.contrastive_rows)
   settings = EvalSettings(metrics=True, sampler=sampler if two_tower else None, baselines=True,
                           contrastive_rows=rows, seed=fv.seed,

@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 FORMAT_VERSION = 1
 METHOD = "gaussian_robust"
@@ -56,6 +57,14 @@ DEFAULT_QUANTILE_RANGE = (0.25, 0.75)   # PERCENT, as in the reference's sklearn
 DEFAULT_CLIP_QUANTILES = (1e-4, 1.0 - 1e-4)  # fractions (torch.quantile), as in the reference
 NORMALIZER_NAME = "normalizer.npz"
 _BUFFERS = ("center", "scale", "clip_min", "clip_max")
+
+
+class NormalizerError(UserError):
+  """A normalizer file, or the data a normalizer is fitted on, is bad; names the file and field.
+
+  Argument checks of the functions here (a bad ``quantile_range``, ``compute_dtype``, ...) stay
+  plain ``ValueError``: the tools validate their flags first, so those are bugs of the caller.
+  """
 
 
 @dataclasses.dataclass
@@ -148,40 +157,43 @@ class Normalizer:
     """Reads and validates a file written by :meth:`save`.
 
     Raises:
-      ValueError: naming the file and the field, if the file is missing, not an ``.npz``, lacks a
-        buffer, or has buffers of the wrong shape, non-finite values or a non-positive scale.
+      NormalizerError: naming the file and the field, if the file is missing, not an ``.npz``,
+        lacks a buffer, or has buffers of the wrong shape, non-finite values or a non-positive
+        scale.
     """
     if not os.path.exists(path):
-      raise ValueError(f"{path}: no such normalizer file")
+      raise NormalizerError(f"{path}: no such normalizer file")
     try:
       with np.load(path, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-      raise ValueError(
+      raise NormalizerError(
           f"{path}: not a readable normalizer .npz ({type(e).__name__}: {e})") from None
     for key in ("center", "scale"):
       if key not in data:
-        raise ValueError(f"{path}: field '{key}': missing (keys present: {sorted(data)})")
+        raise NormalizerError(f"{path}: field '{key}': missing (keys present: {sorted(data)})")
     if ("clip_min" in data) != ("clip_max" in data):
       missing = "clip_max" if "clip_min" in data else "clip_min"
-      raise ValueError(f"{path}: field '{missing}': missing (clip_min and clip_max go together)")
+      raise NormalizerError(
+          f"{path}: field '{missing}': missing (clip_min and clip_max go together)")
     version = int(data.get("format_version", FORMAT_VERSION))
     if version > FORMAT_VERSION:
-      raise ValueError(f"{path}: field 'format_version': {version} is newer than supported "
+      raise NormalizerError(f"{path}: field 'format_version': {version} is newer than supported "
                        f"{FORMAT_VERSION}")
     bufs = {}
     for key in _BUFFERS:
       if key in data:
         arr = data[key]
         if not np.issubdtype(arr.dtype, np.floating):
-          raise ValueError(f"{path}: field '{key}': expected a float array, got dtype {arr.dtype}")
+          raise NormalizerError(
+              f"{path}: field '{key}': expected a float array, got dtype {arr.dtype}")
         bufs[key] = arr.astype(np.float32)
       else:
         bufs[key] = None
     problem = _validate_buffers(bufs["center"], bufs["scale"], bufs["clip_min"], bufs["clip_max"])
     if problem is not None:
       field, msg = problem
-      raise ValueError(f"{path}: field '{field}': {msg}")
+      raise NormalizerError(f"{path}: field '{field}': {msg}")
     qr = tuple(float(q) for q in data.get("quantile_range", DEFAULT_QUANTILE_RANGE))
     cq = data.get("clip_quantiles")
     return cls(center=bufs["center"], scale=bufs["scale"], clip_min=bufs["clip_min"],
@@ -252,7 +264,8 @@ def unit_variance_adjust(quantile_range: Sequence[float] = DEFAULT_QUANTILE_RANG
 
 def fit_robust_scaler(x: np.ndarray, *, clip_quantiles: tuple[float, float] | bool | None = None,
                       quantile_range: tuple[float, float] = DEFAULT_QUANTILE_RANGE,
-                      compute_dtype: Any = np.float64) -> Normalizer:
+                      compute_dtype: Any = np.float64,
+                      zero_spread: list[int] | None = None) -> Normalizer:
   """Fits the reference normalizer: sklearn ``RobustScaler(unit_variance=True, quantile_range)``.
 
   Args:
@@ -263,14 +276,17 @@ def fit_robust_scaler(x: np.ndarray, *, clip_quantiles: tuple[float, float] | bo
     quantile_range: sklearn's ``quantile_range``, in PERCENT (the reference passes (0.25, 0.75)).
     compute_dtype: float64 (default, most accurate) or float32 (bit-compatible with the reference,
       which hands sklearn float32 data).
+    zero_spread: if a list, the dims whose quantile spread is below ``10 * eps`` are appended to it
+      (sklearn gives them ``iqr = 1``, so ``scale = 1 / 0.3747 = 2.669``: a scale that measures
+      nothing); :mod:`data_prep.fit_normalizer` refuses such a fit unless told otherwise.
 
   Returns:
     A :class:`Normalizer` with float32 buffers.
   """
   x = np.asarray(x)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-    raise ValueError(f"fit_robust_scaler: expected a non-empty (num_samples, dim) array, got shape "
-                     f"{x.shape}")
+    raise NormalizerError(f"fit_robust_scaler: expected a non-empty (num_samples, dim) array, got "
+                          f"shape {x.shape}")
   q_min, q_max = (float(q) for q in quantile_range)
   if not 0.0 <= q_min <= q_max <= 100.0:
     raise ValueError(f"fit_robust_scaler: invalid quantile_range {quantile_range} (PERCENT, "
@@ -305,12 +321,15 @@ def fit_robust_scaler(x: np.ndarray, *, clip_quantiles: tuple[float, float] | bo
     xb = np.array(x[:, cols], dtype=compute_dtype)  # A copy: the quantile calls may partition it.
     if not np.isfinite(xb).all():
       r, c = np.argwhere(~np.isfinite(xb))[0]
-      raise ValueError(
+      raise NormalizerError(
           f"fit_robust_scaler: non-finite value at sample {int(r)}, dim {start + int(c)}")
     center[cols] = np.nanmedian(xb, axis=0)
     qs = np.nanpercentile(xb, [q_min, q_max], axis=0)
     s = qs[1] - qs[0]
-    s[s < 10 * eps] = 1.0  # sklearn's _handle_zeros_in_scale, before the unit-variance adjust.
+    flat = s < 10 * eps
+    if zero_spread is not None:
+      zero_spread.extend(start + int(i) for i in np.flatnonzero(flat))
+    s[flat] = 1.0  # sklearn's _handle_zeros_in_scale, before the unit-variance adjust.
     iqr[cols] = s
     if clip_quantiles is not None:
       # As the reference: quantiles of what the fitted scaler itself outputs for this data.
@@ -336,12 +355,13 @@ def _as_dir_weights(data_dirs_with_weights: Any) -> list[tuple[str, float]]:
         items.append((path, weight))
   out = [(str(p), float(w)) for p, w in items]
   if not out:
-    raise ValueError("sample_embeddings: no datasets given")
+    raise NormalizerError("sample_embeddings: no datasets given")
   for p, w in out:
     if not np.isfinite(w) or w < 0:
-      raise ValueError(f"sample_embeddings: dataset {p}: weight must be finite and >= 0, got {w}")
+      raise NormalizerError(
+          f"sample_embeddings: dataset {p}: weight must be finite and >= 0, got {w}")
   if sum(w for _, w in out) <= 0:
-    raise ValueError("sample_embeddings: all weights are zero")
+    raise NormalizerError("sample_embeddings: all weights are zero")
   return out
 
 
@@ -378,20 +398,20 @@ def sample_embeddings(data_dirs_with_weights: Any, max_samples: int, seed: int =
     float32 array (num_samples, dim), datasets in the given order, concepts in storage order.
   """
   if max_samples < 1:
-    raise ValueError(f"sample_embeddings: max_samples must be >= 1, got {max_samples}")
+    raise NormalizerError(f"sample_embeddings: max_samples must be >= 1, got {max_samples}")
   entries = _as_dir_weights(data_dirs_with_weights)
   manifests = [schema.read_manifest(p) for p, _ in entries]
   dims = {int(m["dim"]) for m in manifests}
   if len(dims) != 1:
     detail = ", ".join(f"{p}: {m['dim']}" for (p, _), m in zip(entries, manifests))
-    raise ValueError(f"sample_embeddings: datasets disagree on dim ({detail})")
+    raise NormalizerError(f"sample_embeddings: datasets disagree on dim ({detail})")
   dim = dims.pop()
   weights = np.array([w for _, w in entries], dtype=np.float64)
   sizes = np.array([_num_eligible(m, exclude_last) for m in manifests], dtype=np.int64)
   active = weights > 0
   for (path, _), size, on in zip(entries, sizes, active):
     if on and size == 0:
-      raise ValueError(f"sample_embeddings: dataset {path} has no concepts to sample "
+      raise NormalizerError(f"sample_embeddings: dataset {path} has no concepts to sample "
                        f"(exclude_last={exclude_last})")
   total = int(max_samples)
   # Largest total whose proportional shares fit every dataset.

@@ -36,6 +36,7 @@ from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
 
+from lcm_jax.errors import UserError
 from lcm_jax.fileio import write_file_atomic  # also re-exported: schema.write_file_atomic
 
 MAGIC = b"LCMD"
@@ -49,7 +50,7 @@ SHARD_SUFFIX = ".array_record"
 ARRAY_RECORD_OPTIONS = "group_size:1"
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError):
   """A shard, record or manifest violates the schema. The message names file, record and field."""
 
 
@@ -233,7 +234,7 @@ def move_dir_into_place(tmp: str, out: str, overwrite: bool = True) -> None:
     os.rmdir(out)
   elif os.path.exists(out):
     if not overwrite:
-      raise ValueError(f"{out} appeared while it was being built (overwrite to replace it)")
+      raise UserError(f"{out} appeared while it was being built (overwrite to replace it)")
     trash = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out)}-", dir=os.path.dirname(out))
     os.rename(out, os.path.join(trash, "old"))
     os.rename(tmp, out)

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lcm_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -39,7 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
   """The configured mesh does not fit the devices or the batch."""
 
 

@@ -185,3 +185,22 @@ def test_cli_bad_input_exits_2_without_output(tiny, tmp_path, case, field):
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and field in errors[0] and str(path) in errors[0], r.stderr
   assert sorted(os.listdir(tmp_path)) == ([] if case == "missing_file" else ["in.npz"])
+
+
+def test_cli_bad_out_exits_2_before_decoding(tiny, tmp_path):
+  """An --out under a file (its directory cannot exist): refused before the input is read or the
+  decoder loaded; the old tool decoded everything, then died with a traceback. A missing
+  --embeddings names the flag."""
+  path = tmp_path / "in.npz"
+  _generate_npz(path, [1, 2])
+  (tmp_path / "file").write_text("x")
+  for args, needles in (
+      ([f"--embeddings={path}", f"--out={tmp_path / 'file' / 'o.jsonl'}"],
+       ["--out", str(tmp_path / "file")]),
+      ([f"--embeddings={tmp_path / 'none.npz'}", f"--out={tmp_path / 'o.jsonl'}"],
+       ["--embeddings", str(tmp_path / "none.npz"), "no such file"])):
+    r = _run(*args, f"--decoder={tiny['decoder']}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file", "in.npz"]

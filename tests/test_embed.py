@@ -225,3 +225,68 @@ def test_bad_input_names_file_and_line_and_leaves_other_shards(tmp_path, models,
   (root / "blank.jsonl").write_text(json.dumps({"id": "z", "text": "   "}) + "\n")
   line = fails(root / "blank.jsonl")
   assert "blank.jsonl" in line and "line 1" in line
+
+
+def _run_embed(*args):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+  return subprocess.run([sys.executable, "-m", "data_prep.embed", *args], cwd=helpers.ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(r):
+  assert r.returncode == 2, (r.stdout, r.stderr[-3000:])
+  assert "Traceback" not in r.stderr, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+  return lines[0]
+
+
+def test_duplicate_ids_are_refused_before_anything_is_written(tmp_path, models, docs):
+  root = tmp_path / "in"
+  root.mkdir()
+  with open(root / "a.jsonl", "w") as f:
+    for i, doc_id in enumerate(["a0", "dup", "a2", "a3"]):
+      f.write(json.dumps({"id": doc_id, "text": docs[i]}) + "\n")
+  with open(root / "b.jsonl", "w") as f:
+    f.write(json.dumps({"id": "b0", "text": docs[4]}) + "\n")
+    f.write("\n")
+    f.write(json.dumps({"id": "dup", "text": docs[5]}) + "\n")  # line 3 (line 2 is blank)
+  out = tmp_path / "out"
+  # Across files and workers: worker 1 of 2 would only see shard 1 (b.jsonl), still refused.
+  for extra in ([], ["--num_workers=2", "--worker_index=1"]):
+    err = _one_error_line(_run_embed(f"--input={root}/*.jsonl", f"--out={out}", "--shard_docs=2",
+                                     *_model_flags(models), *extra))
+    assert "duplicate document id 'dup'" in err, err
+    assert f"{root}/b.jsonl:line 3" in err and f"{root}/a.jsonl:line 2" in err, err
+    assert err.index("b.jsonl:line 3") < err.index("a.jsonl:line 2")
+    assert not out.exists()
+  # Within one Parquet file: rows named (0-based).
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq.write_table(pa.table({"id": ["p0", "p1", "p0"], "text": docs[:3]}), root / "p.parquet")
+  err = _one_error_line(_run_embed(f"--input={root}/p.parquet", f"--out={out}",
+                                   *_model_flags(models)))
+  assert "'p0'" in err and "p.parquet:row 2" in err and "p.parquet:row 0" in err, err
+  assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, models, docs):
+  inp = _write_inputs(str(tmp_path / "in"), docs[:2])["jsonl"]
+  (tmp_path / "file").write_text("x")
+  for out in (tmp_path / "file", tmp_path / "file" / "data"):
+    err = _one_error_line(_run_embed(f"--input={inp}", f"--out={out}", *_model_flags(models)))
+    assert "--out" in err and str(tmp_path / "file") in err, err
+  assert sorted(os.listdir(tmp_path)) == ["file", "in"]
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, models, docs, monkeypatch):
+  """A ValueError or FileNotFoundError that is not a UserError (a planted bug in the planner)
+  propagates from main instead of becoming one 'error:' line and exit status 2 (the old main
+  turned every FileNotFoundError into one line)."""
+  inp = _write_inputs(str(tmp_path / "in"), docs[:2])["jsonl"]
+  for exc in (FileNotFoundError, ValueError):
+    def broken(*args, exc=exc, **kwargs):
+      raise exc("planted bug")
+    monkeypatch.setattr(embed, "plan_shards", broken)
+    with pytest.raises(exc, match="planted bug"):
+      embed.main([f"--input={inp}", f"--out={tmp_path / 'out'}", *_model_flags(models)])

@@ -407,3 +407,22 @@ def test_rouge_bad_input_exits_2(models, card, tmp_path, capsys, case, needle):
   if case == "missing_card":
     assert card in err
   assert os.listdir(tmp_path) == ["pairs.jsonl"]
+
+
+def test_roundtrip_bad_out_exits_2_before_any_work(models, tmp_path):
+  """--out / --texts under a file: refused before the models load (the old tool decoded and
+  re-encoded everything, then died with a traceback); a missing --predictions names the flag."""
+  path = tmp_path / "in.npz"
+  np.savez(path, predictions=np.zeros((2, DIM), np.float32))
+  (tmp_path / "file").write_text("x")
+  bad = str(tmp_path / "file" / "sub" / "o.json")
+  for args, needles in (([f"--predictions={path}", f"--out={bad}"], ["--out", "file"]),
+                        ([f"--predictions={path}", f"--texts={bad}"], ["--texts", "file"]),
+                        ([f"--predictions={tmp_path / 'none.npz'}"],
+                         ["--predictions", "none.npz", "no such file"])):
+    r = run_cli(_cmd("roundtrip", *args, f"--encoder={models['encoder']}",
+                     f"--decoder={models['decoder']}", "--device=cpu"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = _error_line(r.stderr)
+    assert all(n in err for n in needles), err
+  assert sorted(os.listdir(tmp_path)) == ["file", "in.npz"]

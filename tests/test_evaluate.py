@@ -285,7 +285,8 @@ def test_two_tower_sampled_metrics_beat_baselines(corpus, tmp_path):
   assert rep["settings"]["sampler"] == {
       "num_steps": 40, "guidance_scale": 3.0, "guidance_rescale": 0.7, "initial_noise_scale": 0.6,
       "epsilon_scaling": 1.00045, "eta": 0.0, "timestep_spacing": "trailing_reference",
-      "clip_noise": 100.0}
+      "clip_noise": 100.0, "clip_sample": False, "clip_sample_range": 1.0,
+      "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 6.0}
   assert rep["settings"]["seed"] == 3 and rep["num_batches"] == 1
   model, mean = rep["metrics"]["model"], rep["metrics"]["mean_concept"]
   assert model["l2"] < 0.9 * mean["l2"], rep["metrics"]
@@ -326,3 +327,30 @@ def test_cli_bad_input_exits_2(base_run, tmp_path, kind):
   for e in expected:
     assert e in err, err
   assert not out.exists()
+
+
+def test_cli_bad_output_paths_exit_2_before_any_work(base_run, tmp_path):
+  """An --out that is a directory (or under a file), a --save_predictions that is a directory or
+  --out itself: one error line and exit 2 before the checkpoint is even read; nothing written.
+  (The old tool evaluated everything, then died with a traceback in the write.)"""
+  workdir = base_run[0]
+  adir, afile, out = tmp_path / "adir", tmp_path / "file", str(tmp_path / "e.json")
+  adir.mkdir()
+  afile.write_text("x")
+  cases = [
+      ([f"--out={adir}"], ["--out", str(adir), "is a directory"]),
+      ([f"--out={afile / 'eval.json'}"], ["--out", str(afile)]),
+      ([f"--out={afile / 'sub' / 'eval.json'}"], ["--out", str(afile), "not a directory"]),
+      ([f"--out={out}", f"--save_predictions={adir}"],
+       ["--save_predictions", str(adir), "is a directory"]),
+      ([f"--out={out}", f"--save_predictions={out}"], ["--save_predictions", "same file"]),
+  ]
+  for args, expected in cases:
+    r = run_cli([sys.executable, "-m", "lcm_jax.evaluate", f"--workdir={workdir}", *args])
+    assert r.returncode == 2, (args, r.stdout, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
+    for e in expected:
+      assert e in errors[0], (args, errors[0])
+  assert sorted(os.listdir(tmp_path)) == ["adir", "file"] and not os.listdir(adir)

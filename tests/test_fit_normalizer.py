@@ -160,3 +160,89 @@ def test_help():
   r = _run("--help")
   assert r.returncode == 0, r.stderr
   assert "--data DIR[:WEIGHT]" in r.stdout and "(default: 1000000)" in r.stdout
+
+
+def _vectors_dataset(path, x):
+  """A dataset whose documents are the rows of ``x`` (two concepts a document where possible):
+  exact vectors, so the sample is known."""
+  os.makedirs(path)
+  x = np.asarray(x, np.float32)
+  docs = [schema.Document(id=f"d{i}", embeddings=x[i:i + 2]) for i in range(0, len(x), 2)]
+  entry = schema.write_shard(os.path.join(path, schema.shard_name(0, 1)), docs, dtype="float32")
+  schema.write_manifest(path, schema.make_manifest(dim=x.shape[1], dtype="float32",
+                                                   shards=[entry], producer={"test": True}))
+  return str(path)
+
+
+def _one_error_line(r):
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert "Traceback" not in r.stderr, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+  return lines[0]
+
+
+def test_degenerate_fits_exit_2_and_write_nothing(datasets, tmp_path):
+  rng = np.random.default_rng(0)
+  one = _vectors_dataset(tmp_path / "one", rng.normal(size=(1, 8)))
+  same = _vectors_dataset(tmp_path / "same", np.tile(rng.normal(size=(1, 8)), (600, 1)))
+  out = tmp_path / "sub" / "n.npz"
+  # A single vector: the old tool wrote scale 2.669 in every dim.
+  err = _one_error_line(_run(f"--data={one}", f"--out={out}"))
+  assert one in err and "(1 concepts)" in err and "1 vectors" in err and "--min_samples 401" in err
+  # Too few for the quantiles because of --max_samples, on a large dataset.
+  err = _one_error_line(_run(f"--data={datasets['a']}", "--max_samples=100", f"--out={out}"))
+  assert datasets["a"] in err and "100 vectors" in err and "--max_samples 100" in err
+  # Enough vectors, but all the same one: zero spread in every dim.
+  err = _one_error_line(_run(f"--data={same}", f"--out={out}"))
+  assert same in err and "8 of 8 dims have zero spread" in err and "600 sampled" in err
+  assert not os.path.exists(tmp_path / "sub")
+  # --min_samples lowers the floor (a demo corpus): two distinct vectors fit, as sklearn does.
+  two = _vectors_dataset(tmp_path / "two", rng.normal(size=(2, 8)))
+  r = _run(f"--data={two}", "--min_samples=2", f"--out={out}")
+  assert r.returncode == 0, r.stderr
+  np.testing.assert_allclose(Normalizer.load(str(out)).scale,
+                             _sklearn(sample_embeddings([(two, 1.0)], 10).astype(np.float64)).scale_,
+                             rtol=1e-6)
+  assert _one_error_line(_run(f"--data={two}", "--min_samples=1", f"--out={out}")).startswith(
+      "error: --min_samples")
+
+
+def test_some_zero_spread_dims_warn_and_match_sklearn(tmp_path):
+  x = np.random.default_rng(1).normal(size=(500, 6))
+  x[:, 2] = 0.5                  # constant
+  x[:10, 4] = x[:, 4].min() - 1  # 2% of the sample tied at the low end: pins the quantiles
+  data = _vectors_dataset(tmp_path / "d", x)
+  out = str(tmp_path / "n.npz")
+  r = _run(f"--data={data}", f"--out={out}")
+  assert r.returncode == 0 and r.stderr == "", r.stderr
+  [warning] = [line for line in r.stdout.splitlines() if "warning:" in line]
+  assert "2 of 6 dims have zero spread" in warning and "(dims 2, 4)" in warning
+  assert "--exclude_last" in warning
+  sk = _sklearn(x.astype(np.float32).astype(np.float64))
+  np.testing.assert_allclose(Normalizer.load(out).scale, sk.scale_, rtol=1e-6)
+  np.testing.assert_allclose(sk.scale_[[2, 4]], 1 / 0.3747, rtol=1e-3)  # sklearn's fallback
+
+
+def test_bad_out_is_refused_before_any_work(datasets, tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  for out, named in ((tmp_path / "file" / "n.npz", str(tmp_path / "file")),
+                     (tmp_path / "file" / "deeper" / "n.npz", str(tmp_path / "file"))):
+    err = _one_error_line(_run(f"--data={datasets['a']}", f"--out={out}"))
+    assert "--out" in err and named in err, err
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_bug_is_not_reported_as_bad_input(datasets, tmp_path, monkeypatch):
+  """A ValueError that is not a UserError (a bug inside the sampler, here planted) propagates
+  with its traceback instead of becoming one 'error:' line and exit status 2."""
+  from data_prep import fit_normalizer  # pylint: disable=g-import-not-at-top
+  from lcm_jax import normalizer as normalizer_lib  # pylint: disable=g-import-not-at-top
+
+  def broken(*args, **kwargs):
+    raise ValueError("planted bug: operands could not be broadcast together")
+  monkeypatch.setattr(normalizer_lib, "sample_embeddings", broken)
+  out = tmp_path / "n.npz"
+  with pytest.raises(ValueError, match="planted bug"):
+    fit_normalizer.main([f"--data={datasets['a']}", f"--out={out}"])
+  assert not out.exists()

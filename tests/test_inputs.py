@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -17,6 +18,7 @@ import pytest
 
 from data_prep import inputs
 from data_prep.inputs import InputError
+from lcm_jax.errors import UserError
 
 
 def _write(path, data):
@@ -522,3 +524,43 @@ def test_tfds_errors(tfds_dir):
     list(s.read())
   [s] = inputs.open_sources(["tfds:tiny_docs/en:bad"], tfds_data_dir=tfds_dir, on_error="skip")
   assert len(list(s.read())) == 2 and s.num_skipped == 1
+
+
+def test_derived_ids_are_unique_across_files_with_one_basename(tmp_path):
+  """en/part.jsonl and fr/part.jsonl without ids: the old 'part.jsonl:1' twice; now the path
+  relative to the common directory. A file whose basename is unique keeps it."""
+  for d in ("en", "fr"):
+    (tmp_path / d).mkdir()
+    (tmp_path / d / "part.jsonl").write_text(
+        json.dumps({"text": f"{d} one"}) + "\n" + json.dumps({"text": f"{d} two"}) + "\n")
+    (tmp_path / d / "notes.txt").write_text("a line\n")
+  (tmp_path / "en" / "solo.jsonl").write_text(json.dumps({"text": "solo"}) + "\n")
+  sources = inputs.open_sources([str(tmp_path / "*" / "*.jsonl"), str(tmp_path / "*" / "*.txt")],
+                                text_unit="line")
+  ids = [d.id for s in sources for d in s.read()]
+  assert ids == ["en/part.jsonl:1", "en/part.jsonl:2", "solo.jsonl:1", "fr/part.jsonl:1",
+                 "fr/part.jsonl:2", "en/notes.txt:1", "fr/notes.txt:1"]
+  assert inputs.check_unique_ids(sources) == 7
+
+
+def test_check_unique_ids_names_both_records(tmp_path, caplog):
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text("".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ("x", "y", "z")))
+  b.write_text(json.dumps({"id": "q", "text": "t"}) + "\n" + json.dumps({"id": "y", "text": "u"}))
+  with pytest.raises(InputError, match=(rf"{re.escape(str(b))}:line 2: duplicate document id "
+                                        rf"'y', already used by {re.escape(str(a))}:line 2")):
+    inputs.check_unique_ids(inputs.open_sources([str(a), str(b)]))
+  # Integer and string ids that read the same are the same id; a bad document is passed over
+  # here without a log line (read() reports it), and does not count.
+  c = tmp_path / "c.jsonl"
+  c.write_text(json.dumps({"id": 7, "text": "t"}) + "\n" + json.dumps({"id": "8"}) + "\n"
+               + json.dumps({"id": "7", "text": "t"}) + "\n")
+  [src] = inputs.open_sources([str(c)], on_error="skip")
+  with caplog.at_level("WARNING"):
+    with pytest.raises(InputError, match=r"c\.jsonl:line 3: duplicate document id '7'"):
+      inputs.check_unique_ids([src])
+  assert not caplog.records and src.num_skipped == 0
+  c.write_text(json.dumps({"id": 7, "text": "t"}) + "\n" + json.dumps({"id": "7"}) + "\n")
+  [src] = inputs.open_sources([str(c)], on_error="skip")
+  assert inputs.check_unique_ids([src]) == 1
+  assert issubclass(InputError, UserError)

@@ -276,3 +276,22 @@ def test_encode_edge_cases(encoder):
     encoder.encode(SHORT, "xx_Nope")
   with pytest.raises(ValueError, match="batch_size"):
     encoder.encode(SHORT, "eng_Latn", batch_size=0)
+
+
+def test_tiny_models_cli_bad_out_exits_2_before_building(tmp_path):
+  """An --out that is a file (or under one): one 'error: --out ...' line and exit 2 before any
+  model is built (the old tool died in os.makedirs with a traceback)."""
+  (tmp_path / "file").write_text("x")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+  for out in (tmp_path / "file", tmp_path / "file" / "models"):
+    r = subprocess.run([sys.executable, "-m", "data_prep.tiny_models", f"--out={out}"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out"), r.stderr
+    assert str(tmp_path / "file") in lines[0]
+  assert os.listdir(tmp_path) == ["file"]
+  # Load failures are user errors (one line in every tool), and still RuntimeErrors.
+  from lcm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  assert issubclass(sonar.SonarLoadError, UserError)
+  assert issubclass(sonar.SonarLoadError, RuntimeError)

@@ -197,3 +197,15 @@ def test_ensure_corpus(tmp_path):
   assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
   with pytest.raises(ValueError, match="corpus has dim 8, expected 16"):
     synthetic.ensure_corpus(out, dim=16)
+
+
+def test_out_under_a_file_exits_2_with_one_line(tmp_path):
+  """The old tool died with a traceback in os.makedirs; now one line naming --out, exit 2."""
+  (tmp_path / "file").write_text("x")
+  for out in (tmp_path / "file", tmp_path / "file" / "corpus"):
+    r = _cli(f"--out={out}", "--num_docs=10", "--num_shards=2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out") and str(tmp_path / "file") in \
+        lines[0], r.stderr
+  assert os.listdir(tmp_path) == ["file"]

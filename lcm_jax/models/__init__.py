@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import errors
 from lcm_jax.models.config import ModelConfig
 
 Batch = dict[str, jax.Array]
@@ -25,7 +26,7 @@ def build(cfg: ModelConfig) -> nn.Module:
   if cfg.family == "two_tower_diffusion_lcm":
     from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
     return TwoTowerLCM(config=cfg)
-  raise ValueError(f"config.model.family: unknown model family {cfg.family!r} (expected "
+  raise errors.ConfigError(f"config.model.family: unknown model family {cfg.family!r} (expected "
                    "'base_lcm' or 'two_tower_diffusion_lcm')")
 
 
@@ -59,4 +60,4 @@ def loss_fn(cfg: ModelConfig):
   try:
     return LOSSES[cfg.family]
   except KeyError:
-    raise ValueError(f"config.model.family: no loss for family {cfg.family!r}") from None
+    raise errors.ConfigError(f"config.model.family: no loss for family {cfg.family!r}") from None

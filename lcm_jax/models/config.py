@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from lcm_jax.errors import ConfigError
+
 FAMILIES = ("base_lcm", "two_tower_diffusion_lcm")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "sigmoid", "linear", "scaled_linear")
 LOSS_WEIGHTINGS = ("none", "clamped_snr", "fragility")
@@ -89,30 +91,30 @@ class ModelConfig:
 
   def __post_init__(self) -> None:
     if self.family not in FAMILIES:
-      raise ValueError(f"ModelConfig.family: {self.family!r} not in {FAMILIES}")
+      raise ConfigError(f"ModelConfig.family: {self.family!r} not in {FAMILIES}")
     for name in ("sonar_embed_dim", "model_dim", "num_layers", "num_heads", "ffn_inner_dim",
                  "ffn_multiple_of", "max_seq_len", "denoiser_num_layers", "timestep_embed_dim",
                  "num_diffusion_train_steps"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
+        raise ConfigError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
     if not 0.0 <= float(self.dropout) < 1.0:
-      raise ValueError(f"ModelConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+      raise ConfigError(f"ModelConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
     if self.dtype not in DTYPES:
-      raise ValueError(f"ModelConfig.dtype: {self.dtype!r} not in {DTYPES}")
+      raise ConfigError(f"ModelConfig.dtype: {self.dtype!r} not in {DTYPES}")
     if self.param_dtype not in DTYPES[1:]:
-      raise ValueError(f"ModelConfig.param_dtype: {self.param_dtype!r} not in {DTYPES[1:]}")
+      raise ConfigError(f"ModelConfig.param_dtype: {self.param_dtype!r} not in {DTYPES[1:]}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"ModelConfig.remat_policy: {self.remat_policy!r} not in {REMAT_POLICIES}")
+      raise ConfigError(f"ModelConfig.remat_policy: {self.remat_policy!r} not in {REMAT_POLICIES}")
     if self.beta_schedule not in BETA_SCHEDULES:
-      raise ValueError(f"ModelConfig.beta_schedule: {self.beta_schedule!r} not in {BETA_SCHEDULES}")
+      raise ConfigError(f"ModelConfig.beta_schedule: {self.beta_schedule!r} not in {BETA_SCHEDULES}")
     if self.loss_weighting not in LOSS_WEIGHTINGS:
-      raise ValueError(f"ModelConfig.loss_weighting: {self.loss_weighting!r} not in "
+      raise ConfigError(f"ModelConfig.loss_weighting: {self.loss_weighting!r} not in "
                        f"{LOSS_WEIGHTINGS}")
     if self.timestep_embed_dim % 2:
-      raise ValueError(f"ModelConfig.timestep_embed_dim: must be even, got {self.timestep_embed_dim}")
+      raise ConfigError(f"ModelConfig.timestep_embed_dim: must be even, got {self.timestep_embed_dim}")
     if not 0.0 <= float(self.cfg_dropout) < 1.0:
-      raise ValueError(f"ModelConfig.cfg_dropout: expected 0 <= cfg_dropout < 1, got "
+      raise ConfigError(f"ModelConfig.cfg_dropout: expected 0 <= cfg_dropout < 1, got "
                        f"{self.cfg_dropout!r}")
     _ = self.head_dim  # validates num_heads / model_dim
 
@@ -136,7 +138,7 @@ class ModelConfig:
     known = set(cls.field_names())
     unknown = sorted(set(cfg) - known)
     if unknown:
-      raise ValueError(f"config.model: unknown field(s) {unknown}; "
+      raise ConfigError(f"config.model: unknown field(s) {unknown}; "
                        f"ModelConfig accepts {sorted(known)}")
     return cls(**dict(cfg))
 
@@ -144,11 +146,11 @@ class ModelConfig:
   def head_dim(self) -> int:
     """Per-head size; must divide ``model_dim`` and be even (RoPE rotates pairs)."""
     if self.model_dim % self.num_heads:
-      raise ValueError(f"ModelConfig: model_dim {self.model_dim} is not divisible by "
+      raise ConfigError(f"ModelConfig: model_dim {self.model_dim} is not divisible by "
                        f"num_heads {self.num_heads}")
     head_dim = self.model_dim // self.num_heads
     if head_dim % 2:
-      raise ValueError(f"ModelConfig: head_dim {head_dim} (model_dim / num_heads) must be even "
+      raise ConfigError(f"ModelConfig: head_dim {head_dim} (model_dim / num_heads) must be even "
                        "for rotary embeddings")
     return head_dim
 

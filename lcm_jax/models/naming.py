@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
+from lcm_jax.errors import UserError
 from lcm_jax.models.config import ModelConfig
 
 _UNSCANNED_LAYER = re.compile(r"^layers_(\d+)$")
@@ -193,7 +194,7 @@ def reference_to_flax(state_dict: Mapping[str, Any],
     target[path] = value
   for path, by_index in stacked.items():
     if sorted(by_index) != list(range(len(by_index))):
-      raise ValueError(f"reference_to_flax: {'.'.join(path)}: layers {sorted(by_index)} are not "
+      raise UserError(f"reference_to_flax: {'.'.join(path)}: layers {sorted(by_index)} are not "
                        "0..N-1")
     params[path] = np.stack([by_index[i] for i in range(len(by_index))])
   return _unflatten(params), _unflatten(buffers)
@@ -207,12 +208,12 @@ def _check_shapes(state: Mapping[str, Any], cfg: ModelConfig, where: str) -> Non
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(set(state) - set(expected))
   if missing or unexpected:
-    raise ValueError(f"{where}: keys differ from the reference: missing {missing[:8]}"
+    raise UserError(f"{where}: keys differ from the reference: missing {missing[:8]}"
                      f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                      f"{'...' if len(unexpected) > 8 else ''}")
   for key, shape in expected.items():
     if tuple(np.shape(state[key])) != shape:
-      raise ValueError(f"{where}: {key}: shape {tuple(np.shape(state[key]))}, reference {shape}")
+      raise UserError(f"{where}: {key}: shape {tuple(np.shape(state[key]))}, reference {shape}")
 
 
 def to_reference(params: Any, buffers: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
