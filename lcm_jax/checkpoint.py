@@ -1,25 +1,122 @@
 """Orbax checkpoints: train state, data-iterator state and metadata saved together, per step.
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,meta}``. ``state`` is the train-state pytree
-(params, buffers, optimizer state, step, rng), ``data`` the Grain iterator state (one file per
-process), ``meta`` a JSON dict (config, mesh). Saves are asynchronous; Orbax writes to a temporary
-directory and renames it when complete, so a killed process never leaves a checkpoint that
-``latest_step`` would pick up.
+(params, buffers, optimizer state, step, rng), ``data`` the Grain iterator state, ``meta`` a JSON
+dict (config, mesh). Saves are asynchronous; Orbax writes to a temporary directory and renames it
+when complete, so a killed process never leaves a checkpoint that ``latest_step`` would pick up.
+
+``data`` holds one JSON file per data shard (read-and-pack stream, ``config.data.data_shards``),
+``data_shard_<k>-of-<K>.json``, written by the process that runs shard ``k``: the Grain state of
+that stream alone. A restart with any process count that divides ``K`` reads the files of its own
+shards, so it resumes the data exactly. Checkpoints of earlier versions hold one file per process
+(``process_<p>-of-<P>.json``, Grain's own layout); they resume with the same process count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lcm_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The data-iterator state: one file per data shard
+
+_SHARD_FILE = re.compile(r"data_shard_(\d+)-of-(\d+)\.json")
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # Grain's per-process layout
+
+
+def _shard_file(k: int, num_shards: int) -> str:
+  return f"data_shard_{k}-of-{num_shards}.json"
+
+
+def _per_shard(data_iter: Any) -> bool:
+  """Whether ``data_iter`` keeps its state per data shard (a ``lcm_jax.data.TrainIterator``)."""
+  return hasattr(data_iter, "data_shards") and hasattr(data_iter, "num_data_shards")
+
+
+class DataStateHandler:
+  """Orbax handler for the data iterator: one file per data shard (see the module docstring).
+
+  Every process writes the files of its own data shards into the same directory. An iterator
+  without per-shard state (any other Grain ``DatasetIterator``) is saved as Grain does, one file
+  per process. Restore reads whichever layout the checkpoint has; :meth:`Checkpointer.restore`
+  checks beforehand that it fits this run.
+  """
+
+  def save(self, directory: epath.Path, item: Any = None, args: Any = None) -> None:
+    it = item if item is not None else args.item
+    if not _per_shard(it):
+      grain.checkpoint.CheckpointHandler().save(directory, item=it)
+      return
+    state = it.get_state()
+    for k in it.data_shards:
+      (directory / _shard_file(k, it.num_data_shards)).write_text(
+          json.dumps(state["states"][str(k)], indent=1))
+
+  def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
+    it = item if item is not None else args.item
+    names = [p.name for p in directory.iterdir()]
+    if not _per_shard(it) or not any(_SHARD_FILE.fullmatch(n) for n in names):
+      if _per_shard(it):  # an earlier version's checkpoint: one state per process
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        it.set_process_state(json.loads((directory / name).read_text()))
+        it.start_prefetch()
+        return it
+      return grain.checkpoint.CheckpointHandler().restore(directory, item=it)
+    states = {str(k): json.loads((directory / _shard_file(k, it.num_data_shards)).read_text())
+              for k in it.data_shards}
+    it.set_state({"data_shards": it.num_data_shards, "states": states})
+    it.start_prefetch()
+    return it
+
+  def structure(self, directory: epath.Path) -> Any:
+    del directory
+    return None
+
+  def metadata(self, directory: epath.Path) -> Any:
+    del directory
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+  @classmethod
+  def typestr(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+# config.model fields a run may change when it resumes: they change how the model computes, not
+# the shapes of what it saved.
+RESUMABLE_MODEL_FIELDS = frozenset({"dropout", "dtype", "remat_policy"})
 
 
 class Checkpointer:
@@ -33,7 +130,7 @@ class Checkpointer:
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": DataStateHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -56,31 +153,82 @@ class Checkpointer:
            *, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = DataStateSave(data_iter)
     return self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int | None, abstract_state: Any, data_iter: Any | None = None):
-    """Restores ``state`` onto the shardings in ``abstract_state`` (any mesh) and the iterator."""
+    """Restores ``state`` onto the shardings in ``abstract_state`` (any mesh) and the iterator.
+
+    The data-iterator state resumes on any process count that divides the number of data shards
+    it was saved with (CheckpointError if this run's data shards differ, see
+    :meth:`_check_data_state`).
+    """
     step = self._existing_step(step, "to restore")
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
-      self._check_data_processes(step)
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      self._check_data_state(step, data_iter)
+      items["data"] = DataStateRestore(data_iter)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
 
-  def _check_data_processes(self, step: int) -> None:
-    """The Grain state is one file per process: it resumes only with the same process count."""
+  def _check_data_state(self, step: int, data_iter: Any) -> None:
+    """Checks that the saved data-iterator state of ``step`` fits ``data_iter``; CheckpointError.
+
+    Per data shard (``data_shard_<k>-of-<K>.json``): ``data_iter`` must have the same ``K`` and
+    every one of its shards must have a file. Per process (earlier versions, or an iterator
+    without per-shard state): the same process count.
+    """
     data_dir = os.path.join(self.directory, str(step), "data")
-    counts = sorted({int(m.group(1)) for name in (os.listdir(data_dir) if os.path.isdir(data_dir)
-                                                 else [])
-                     if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", name))})
-    if counts and counts != [jax.process_count()]:
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    shard_files = [m for name in names if (m := _SHARD_FILE.fullmatch(name))]
+    process_files = [m for name in names if (m := _PROCESS_FILE.fullmatch(name))]
+    later = ("the model state itself restores onto any mesh: to continue without the data "
+             "position, start a new workdir with --config.train.init_from=WORKDIR@STEP")
+    if not shard_files and not process_files:
+      raise CheckpointError(f"{data_dir}: no data-iterator state in this checkpoint ({later})")
+    if shard_files and _per_shard(data_iter):
+      counts = sorted({int(m.group(2)) for m in shard_files})
+      saved, have = counts[-1], data_iter.num_data_shards
+      if len(counts) > 1:
+        raise CheckpointError(f"{data_dir}: data-iterator states for {counts} data shards mixed "
+                              "in one checkpoint; it was not written by one run")
+      if saved != have:
+        raise CheckpointError(
+            f"{data_dir}: the data-iterator state was saved by {saved} data shard(s) "
+            f"(config.data.data_shards, 0 = one per process), this run has {have} "
+            f"({jax.process_count()} process(es)); resume with --config.data.data_shards={saved} "
+            f"on a process count that divides {saved} ({later})")
+      present = {int(m.group(1)) for m in shard_files}
+      missing = [k for k in data_iter.data_shards if k not in present]
+      if missing:
+        raise CheckpointError(
+            f"{data_dir}: incomplete data-iterator state: no "
+            f"{', '.join(_shard_file(k, saved) for k in missing[:3])}"
+            f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}")
+      return
+    if shard_files:  # a per-shard state, but an iterator that cannot take it
+      raise CheckpointError(f"{data_dir}: the data-iterator state is per data shard; this "
+                            f"iterator ({type(data_iter).__name__}) keeps one state per process")
+    counts = sorted({int(m.group(2)) for m in process_files})
+    if counts != [jax.process_count()]:
       raise CheckpointError(
-          f"{data_dir}: the data-iterator state was saved by {counts[0]} process(es), this run has "
-          f"{jax.process_count()}; resume with {counts[0]} processes (the model state itself "
-          "restores onto any mesh: to continue on another process count without the data "
-          "position, start a new workdir with --config.train.init_from=WORKDIR@STEP)")
+          f"{data_dir}: the data-iterator state was saved by {counts[0]} process(es) (one file "
+          f"per process, an earlier lcm_jax), this run has {jax.process_count()}; resume with "
+          f"{counts[0]} processes ({later})")
+    if _per_shard(data_iter):
+      mine = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+      if not os.path.isfile(mine):
+        raise CheckpointError(f"{data_dir}: incomplete data-iterator state: no {mine}")
+      if len(data_iter.data_shards) > 1:
+        with open(mine) as f:
+          state = json.load(f)
+        parents = state.get("parents") if isinstance(state, dict) else None
+        if not isinstance(parents, list) or len(parents) != len(data_iter.data_shards):
+          raise CheckpointError(
+              f"{mine}: this per-process data-iterator state of an earlier lcm_jax ran "
+              f"{len(data_iter.data_shards)} data shards behind one Grain prefetch "
+              "(config.data.worker_count > 0) and cannot be split into data shards; resume with "
+              f"the lcm_jax version that wrote it ({later})")
 
   def restore_weights(self, step: int | None, abstract_weights: dict[str, Any]) -> dict[str, Any]:
     """Restores only ``params`` and ``buffers`` (no optimizer state, step or data iterator).
@@ -106,6 +254,39 @@ class Checkpointer:
                             f"checkpoint has no {', '.join(missing[:3])}"
                             f"{f' (+{len(missing) - 3} more)' if len(missing) > 3 else ''}")
     return restored
+
+  def saved_config(self, step: int) -> dict[str, Any] | None:
+    """The config (as a dict) that the run which wrote checkpoint ``step`` had; None if unknown."""
+    meta_dir = os.path.join(self.directory, str(step), "meta")
+    try:
+      meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # pylint: disable=broad-except  # an old or foreign checkpoint: no meta
+      return None
+    text = meta.get("config") if isinstance(meta, dict) else None
+    try:
+      return json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+      raise CheckpointError(f"{meta_dir}: field 'config' is not valid JSON") from None
+
+  def check_model_config(self, step: int, model_config: Mapping[str, Any]) -> None:
+    """Refuses to resume checkpoint ``step`` with a model that differs from the one that wrote it.
+
+    Only how-to-compute fields may differ (:data:`RESUMABLE_MODEL_FIELDS`); any
+    other difference (``model_dim``, ``family``, ``sonar_embed_dim``, layer counts, ...) raises a
+    :class:`CheckpointError` naming the fields, their saved and current values.
+    """
+    saved = self.saved_config(step)
+    if not saved or not isinstance(saved.get("model"), dict):
+      return
+    current = dict(model_config)
+    diffs = [f"{k}={saved['model'].get(k)!r} (the config has {current.get(k)!r})"
+             for k in sorted(set(saved["model"]) | set(current))
+             if k not in RESUMABLE_MODEL_FIELDS and saved["model"].get(k) != current.get(k)]
+    if diffs:
+      raise CheckpointError(
+          f"{os.path.join(self.directory, str(step))} was written with model "
+          f"{', '.join(diffs)}: this workdir holds another model; use a new --workdir (or "
+          "--config.train.init_from=WORKDIR to start a new run from compatible weights)")
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()

@@ -24,12 +24,15 @@ Fine-tuning documents are never split: one longer than ``max_doc_len`` loses its
 concepts (at least one source concept is kept); a target that cannot fit with one source concept
 is a :class:`~lcm_jax.schema.ShardFormatError`.
 
-The train iterator is a Grain ``DatasetIterator``: ``get_state()`` returns a JSON-serialisable
-dict and ``set_state()`` resumes exactly (also behind ``mp_prefetch``). Save it with Orbax via
-``grain.checkpoint.CheckpointSave(iterator)`` / ``grain.checkpoint.CheckpointRestore(iterator)``.
+The train iterator is a Grain ``DatasetIterator`` (:class:`TrainIterator`): ``get_state()``
+returns a JSON-serialisable dict with one state per data shard and ``set_state()`` resumes
+exactly (also behind ``mp_prefetch``). :class:`lcm_jax.checkpoint.Checkpointer` saves it as one
+file per data shard, so a checkpoint resumes on any process count that divides the number of
+data shards.
 
-Errors are :class:`lcm_jax.schema.ShardFormatError` (a ``ValueError``) naming the shard file, the
-record and the field, or ``ValueError`` naming the ``config.data`` field that is wrong.
+Errors in the data or the config are :class:`~lcm_jax.errors.UserError` s:
+:class:`lcm_jax.schema.ShardFormatError` naming the shard file, the record and the field, or a
+``UserError`` naming the ``config.data`` field that is wrong.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import grain
 import numpy as np
 
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -86,11 +90,13 @@ def parse_dataset_spec(spec: str) -> list[dict[str, Any]]:
       continue
     path, weight = item, 1.0
     head, sep, tail = item.rpartition(":")
-    if sep and head:
-      try:  # a suffix that is not a number belongs to the path (gs://bucket/x)
+    # A ':' suffix without '/' is a weight (DIR:0.7); one with '/' belongs to the path (gs://b/x).
+    if sep and head and "/" not in tail:
+      try:
         path, weight = head, float(tail)
       except ValueError:
-        pass
+        raise UserError(f"dataset {item!r}: weight {tail!r} is not a number (expected "
+                        "DIR[:WEIGHT],DIR[:WEIGHT],...)") from None
     out.append({"path": path, "weight": weight})
   return out
 
@@ -102,7 +108,7 @@ def _entries(value: Any, field: str) -> list[dict[str, Any]]:
   if isinstance(value, str):
     value = parse_dataset_spec(value)
   if not isinstance(value, Sequence):
-    raise ValueError(f"{field}: expected a list of {{'path': DIR, 'weight': w}}, got {value!r}")
+    raise UserError(f"{field}: expected a list of {{'path': DIR, 'weight': w}}, got {value!r}")
   out = []
   for i, e in enumerate(value):
     if isinstance(e, str):
@@ -110,9 +116,9 @@ def _entries(value: Any, field: str) -> list[dict[str, Any]]:
     try:
       e = dict(e)
     except (TypeError, ValueError):
-      raise ValueError(f"{field}[{i}]: expected {{'path': DIR, 'weight': w}}, got {e!r}") from None
+      raise UserError(f"{field}[{i}]: expected {{'path': DIR, 'weight': w}}, got {e!r}") from None
     if not e.get("path"):
-      raise ValueError(f"{field}[{i}].path: missing or empty")
+      raise UserError(f"{field}[{i}].path: missing or empty")
     out.append(e)
   return out
 
@@ -124,11 +130,11 @@ def _load_dataset(entry: dict[str, Any], field: str, expected_dim: int | None) -
   try:
     weight = float(weight)
   except (TypeError, ValueError):
-    raise ValueError(f"{field}.weight: not a number ({weight!r})") from None
+    raise UserError(f"{field}.weight: not a number ({weight!r})") from None
   if not np.isfinite(weight) or weight <= 0:
-    raise ValueError(f"{field}.weight: must be > 0, got {weight}")
+    raise UserError(f"{field}.weight: must be > 0, got {weight}")
   if not os.path.isdir(path):
-    raise ValueError(f"{field}.path: dataset directory {path!r} does not exist")
+    raise UserError(f"{field}.path: dataset directory {path!r} does not exist")
   try:
     manifest = schema.read_manifest(path)
   except schema.ShardFormatError as e:
@@ -326,23 +332,23 @@ def _check_config(config: Any, process_count: int) -> int:
   d = config.data
   g = int(d.global_batch_size)
   if g <= 0:
-    raise ValueError(f"config.data.global_batch_size must be > 0, got {g}")
+    raise UserError(f"config.data.global_batch_size must be > 0, got {g}")
   if g % process_count:
-    raise ValueError(f"config.data.global_batch_size ({g}) is not divisible by the process count "
-                     f"({process_count})")
+    raise UserError(f"config.data.global_batch_size ({g}) is not divisible by the process count "
+                    f"({process_count})")
   if int(d.seq_len) <= 0:
-    raise ValueError(f"config.data.seq_len must be > 0, got {d.seq_len}")
+    raise UserError(f"config.data.seq_len must be > 0, got {d.seq_len}")
   if not 1 <= int(d.max_doc_len) <= int(d.seq_len):
-    raise ValueError(f"config.data.max_doc_len ({d.max_doc_len}) must be in [1, config.data.seq_len "
-                     f"({d.seq_len})]: a document piece must fit into one packed row")
+    raise UserError(f"config.data.max_doc_len ({d.max_doc_len}) must be in [1, config.data.seq_len "
+                    f"({d.seq_len})]: a document piece must fit into one packed row")
   if d.num_epochs is not None and int(d.num_epochs) < 1:
-    raise ValueError(f"config.data.num_epochs must be None (forever) or >= 1, got {d.num_epochs}")
+    raise UserError(f"config.data.num_epochs must be None (forever) or >= 1, got {d.num_epochs}")
   if int(d.worker_count) < 0:
-    raise ValueError(f"config.data.worker_count must be >= 0, got {d.worker_count}")
+    raise UserError(f"config.data.worker_count must be >= 0, got {d.worker_count}")
   if int(d.worker_buffer_size) < 1:
-    raise ValueError(f"config.data.worker_buffer_size must be >= 1, got {d.worker_buffer_size}")
+    raise UserError(f"config.data.worker_buffer_size must be >= 1, got {d.worker_buffer_size}")
   if not 0.0 <= float(d.eval_fraction) < 1.0:
-    raise ValueError(f"config.data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    raise UserError(f"config.data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
   return g // process_count
 
 
@@ -359,7 +365,7 @@ def _require_parsed_flags() -> None:
 def _train_infos(config: Any) -> list[_DatasetInfo]:
   entries = _entries(config.data.train, "config.data.train")
   if not entries:
-    raise ValueError("config.data.train: no training datasets")
+    raise UserError("config.data.train: no training datasets")
   dim = int(config.model.sonar_embed_dim)
   return [_load_dataset(e, f"config.data.train[{i}]", dim) for i, e in enumerate(entries)]
 
@@ -400,7 +406,7 @@ def dataset_dim(config: Any) -> int:
   infos += [_load_dataset(e, f"config.data.eval[{i}]", None)
             for i, e in enumerate(_entries(config.data.eval, "config.data.eval"))]
   if not infos:
-    raise ValueError("config.data.train: no training datasets")
+    raise UserError("config.data.train: no training datasets")
   for info in infos[1:]:
     if info.dim != infos[0].dim:
       raise schema.ShardFormatError(
@@ -414,30 +420,31 @@ def resolve_normalizer_path(config: Any) -> str:
   explicit = config.data.normalizer
   if explicit:
     if not os.path.exists(explicit):
-      raise ValueError(f"config.data.normalizer: {explicit!r} does not exist")
+      raise UserError(f"config.data.normalizer: {explicit!r} does not exist")
     return os.fspath(explicit)
   entries = _entries(config.data.train, "config.data.train")
   if not entries:
-    raise ValueError("config.data.normalizer is empty and config.data.train lists no dataset")
+    raise UserError("config.data.normalizer is empty and config.data.train lists no dataset")
   info = _load_dataset(entries[0], "config.data.train[0]", None)
   with open(info.manifest_path) as f:
     name = json.load(f).get("normalizer")
   if not name:
-    raise ValueError(f"config.data.normalizer is empty and {info.manifest_path} field 'normalizer' "
-                     "is not set: fit a normalizer (data_prep) or set config.data.normalizer")
+    raise UserError(f"config.data.normalizer is empty and {info.manifest_path} field 'normalizer' "
+                    "is not set: fit a normalizer (data_prep) or set config.data.normalizer")
   path = os.path.join(info.path, name)
   if not os.path.exists(path):
-    raise ValueError(f"{info.manifest_path}: field 'normalizer': {path} does not exist")
+    raise UserError(f"{info.manifest_path}: field 'normalizer': {path} does not exist")
   return path
 
 
 def make_train_iterator(config: Any, *, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
+                        process_count: int | None = None) -> TrainIterator:
   """The checkpointable, per-process training iterator (see the module docstring).
 
   ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
-  With ``config.data.worker_count > 0`` the pipeline runs in Grain worker processes
-  (``mp_prefetch``); absl flags must then be parsed and the script needs a ``__main__`` guard.
+  With ``config.data.worker_count > 0`` every data shard (stream) of this process runs in its own
+  ``worker_count`` Grain worker processes (``mp_prefetch``); absl flags must then be parsed and
+  the script needs a ``__main__`` guard. The workers exit when this process dies, even by SIGKILL.
   """
   pi, pc = _process(process_index, process_count)
   _check_config(config, pc)
@@ -447,15 +454,108 @@ def make_train_iterator(config: Any, *, process_index: int | None = None,
   mine = range(pi * num_shards // pc, (pi + 1) * num_shards // pc)
   rows = int(d.global_batch_size) // num_shards
   streams = [_train_stream(config, infos, k, num_shards, rows) for k in mine]
-  if len(streams) == 1:
-    ds = streams[0]
-  else:
-    ds = grain.experimental.ZipIterDataset(streams).map(_concat_batches)
   if int(d.worker_count) > 0:
     _require_parsed_flags()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(d.worker_count), per_worker_buffer_size=int(d.worker_buffer_size)))
-  return iter(ds)
+    # Per stream, so that a stream's batches (and state) do not depend on how many streams share
+    # a process: that is what lets a checkpoint resume on another process count.
+    options = grain.MultiprocessingOptions(num_workers=int(d.worker_count),
+                                           per_worker_buffer_size=int(d.worker_buffer_size))
+    streams = [ds.mp_prefetch(options, worker_init_fn=exit_with_parent) for ds in streams]
+  return TrainIterator([iter(ds) for ds in streams], list(mine), num_shards)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The batches of this process's data shards (streams), concatenated row-wise, in order.
+
+  Its state is per data shard, so that the shards can be checkpointed and restored one by one
+  (:mod:`lcm_jax.checkpoint` writes one file per data shard) by any process that runs them:
+
+  * ``get_state()`` -> ``{"data_shards": K, "states": {"k": state of shard k, ...}}`` for this
+    process's shards; ``set_state`` takes the same form (shards of other processes are ignored);
+  * :attr:`data_shards` (this process's shard indices) and :attr:`num_data_shards` (``K``);
+  * :meth:`set_process_state`: restores from the state that the previous, per-process iterator
+    (a Grain zip of the streams) saved, for checkpoints written before the per-shard layout.
+  """
+
+  def __init__(self, streams: Sequence[grain.DatasetIterator], shards: Sequence[int],
+               num_shards: int):
+    super().__init__(list(streams))
+    if len(streams) != len(shards) or not streams:
+      raise ValueError(f"{len(streams)} streams for data shards {list(shards)}")
+    self.data_shards = tuple(int(k) for k in shards)
+    self.num_data_shards = int(num_shards)
+
+  def __next__(self) -> Batch:
+    self._assert_not_closed()
+    batches = [next(it) for it in self._parents]  # StopIteration when a stream ends (num_epochs)
+    return batches[0] if len(batches) == 1 else _concat_batches(batches)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"data_shards": self.num_data_shards,
+            "states": {str(k): it.get_state() for k, it in zip(self.data_shards, self._parents)}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or "states" not in state:
+      raise ValueError(f"not a {type(self).__name__} state (no 'states'): {str(state)[:200]}")
+    if int(state.get("data_shards", -1)) != self.num_data_shards:
+      raise ValueError(f"the state is for {state.get('data_shards')} data shards, this iterator "
+                       f"has {self.num_data_shards}")
+    missing = [k for k in self.data_shards if str(k) not in state["states"]]
+    if missing:
+      raise ValueError(f"the state has no data shard {missing} (it has "
+                       f"{sorted(state['states'], key=int)})")
+    for k, it in zip(self.data_shards, self._parents):
+      it.set_state(state["states"][str(k)])
+
+  def set_process_state(self, state: Any) -> None:
+    """Restores from a state of the per-process iterator of earlier versions (same process count).
+
+    That iterator was the process's only stream or, for several, ``zip(streams).map(concat)``
+    whose state is ``{"parents": [stream states]}``; behind ``mp_prefetch`` the several streams
+    were sliced together and cannot be split (ValueError).
+    """
+    if len(self._parents) == 1:
+      self._parents[0].set_state(state)
+      return
+    parents = state.get("parents") if isinstance(state, dict) else None
+    if not isinstance(parents, list) or len(parents) != len(self._parents):
+      raise ValueError(f"cannot split a per-process data state into {len(self._parents)} data "
+                       "shards (saved with config.data.worker_count > 0?)")
+    for it, s in zip(self._parents, parents):
+      it.set_state(s)
+
+  def __str__(self) -> str:
+    return (f"TrainIterator(data shards {list(self.data_shards)} of {self.num_data_shards})")
+
+
+# Exit status of a Grain worker whose parent died (128 + SIGKILL, as if killed with it).
+ORPHANED_WORKER_EXIT = 137
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+  """Grain ``worker_init_fn``: the worker process exits as soon as its parent process dies.
+
+  A Grain worker blocks on its output queue forever once nobody reads it, so a SIGKILLed trainer
+  would leave its workers running. Python's ``spawn`` gives every child the read end of a pipe
+  whose write end only the parent holds (``multiprocessing.parent_process().sentinel``); it
+  becomes readable when the parent is gone, however it died. A daemon thread waits on it and
+  ends the worker with :func:`os._exit`. (``prctl(PR_SET_PDEATHSIG)`` would fire when the parent
+  *thread* that started the worker exits, and Grain starts workers from short-lived threads.)
+  """
+  del worker_index, worker_count
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  import multiprocessing.connection  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  parent = multiprocessing.parent_process()
+  sentinel = getattr(parent, "sentinel", None)
+  if sentinel is None:  # not started by multiprocessing: nothing to watch
+    return
+
+  def watch():
+    multiprocessing.connection.wait([sentinel])
+    os._exit(ORPHANED_WORKER_EXIT)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="lcm_jax-exit-with-parent", daemon=True).start()
 
 
 def data_shards(config: Any, process_count: int) -> int:
@@ -471,13 +571,13 @@ def data_shards(config: Any, process_count: int) -> int:
   k = int(_opt(config.data, "data_shards", 0)) or process_count
   g = int(config.data.global_batch_size)
   if k < 1:
-    raise ValueError(f"config.data.data_shards must be >= 0 (0 = one per process), got {k}")
+    raise UserError(f"config.data.data_shards must be >= 0 (0 = one per process), got {k}")
   if k % process_count:
-    raise ValueError(f"config.data.data_shards={k} is not divisible by the process count "
-                     f"({process_count}): every process must run the same number of data shards")
+    raise UserError(f"config.data.data_shards={k} is not divisible by the process count "
+                    f"({process_count}): every process must run the same number of data shards")
   if g % k:
-    raise ValueError(f"config.data.global_batch_size ({g}) is not divisible by "
-                     f"config.data.data_shards ({k})")
+    raise UserError(f"config.data.global_batch_size ({g}) is not divisible by "
+                    f"config.data.data_shards ({k})")
   return k
 
 
@@ -493,14 +593,14 @@ def _train_stream(config: Any, infos: list[_DatasetInfo], shard: int, num_shards
     if hold_out:
       indices = indices[~eval_document_mask(info.num_documents, float(d.eval_fraction))]
     if indices.size == 0:
-      raise ValueError(f"{info.field}: all {info.num_documents} documents of {info.path} are held "
-                       f"out for eval (config.data.eval_fraction={d.eval_fraction})")
+      raise UserError(f"{info.field}: all {info.num_documents} documents of {info.path} are held "
+                      f"out for eval (config.data.eval_fraction={d.eval_fraction})")
     seed = int(np.random.SeedSequence([int(d.shuffle_seed), i]).generate_state(1)[0])
     ds = grain.MapDataset.source(indices).shuffle(seed=seed).repeat(num_epochs)
     ds = ds[shard::num_shards]
     if len(ds) == 0:
-      raise ValueError(f"{info.field}: {indices.size} training documents cannot feed "
-                       f"{num_shards} data shards (processes or config.data.data_shards)")
+      raise UserError(f"{info.field}: {indices.size} training documents cannot feed "
+                      f"{num_shards} data shards (processes or config.data.data_shards)")
     parts.append(ds.map(_ReadDocument(_open_source(info), info)))
   if len(parts) == 1:
     mixed = parts[0]
@@ -540,15 +640,15 @@ def make_eval_iterator(config: Any, *, process_index: int | None = None,
       parts.append((info, indices))
   else:
     if float(d.eval_fraction) <= 0:
-      raise ValueError("empty eval set: config.data.eval lists no dataset and "
-                       "config.data.eval_fraction is 0")
+      raise UserError("empty eval set: config.data.eval lists no dataset and "
+                      "config.data.eval_fraction is 0")
     for info in _train_infos(config):
       indices = np.nonzero(eval_document_mask(info.num_documents, float(d.eval_fraction)))[0]
       if indices.size:
         parts.append((info, indices.astype(np.int64)))
   if not parts:
-    raise ValueError(f"empty eval set: config.data.eval_fraction={d.eval_fraction} holds out no "
-                     "document of config.data.train; raise it or list config.data.eval datasets")
+    raise UserError(f"empty eval set: config.data.eval_fraction={d.eval_fraction} holds out no "
+                    "document of config.data.train; raise it or list config.data.eval datasets")
   datasets = [grain.MapDataset.source(idx).map(_ReadDocument(_open_source(info), info))
               for info, idx in parts]
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)

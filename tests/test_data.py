@@ -20,6 +20,7 @@ import pytest
 from configs import base
 from lcm_jax import data
 from lcm_jax import schema
+from lcm_jax.errors import UserError
 
 DIM = 8
 
@@ -265,7 +266,7 @@ def test_eval_datasets_and_empty_eval(tmp_path, lengths):
       all_concepts(0, lengths)  # nothing held out of train when eval datasets are listed
   ev = list(data.make_eval_iterator(cfg, process_index=0, process_count=1))
   assert len(ev) == 1 and concepts_of(ev) == all_concepts(7, [3, 20, 5])
-  with pytest.raises(ValueError, match="empty eval set.*eval_fraction"):
+  with pytest.raises(UserError, match="empty eval set.*eval_fraction"):
     data.make_eval_iterator(make_config(train), process_index=0, process_count=1)
 
 
@@ -385,8 +386,23 @@ def test_config_errors(tmp_path):
       (make_config([]), r"config\.data\.train: no training datasets"),
   ]
   for cfg, pattern in cases:
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(UserError, match=pattern):
       data.make_train_iterator(cfg, process_index=0, process_count=2)
+
+
+def test_missing_dataset_directory_is_one_error_line(tmp_path):
+  """What a user sees: ``error: <config field>: dataset directory <path> does not exist``, exit 2,
+  and no workdir created (a UserError, not a traceback)."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  missing, wd = str(tmp_path / "nope"), str(tmp_path / "wd")
+  in_process = make_config([{"path": missing, "weight": 1.0}])
+  with pytest.raises(UserError, match=r"config\.data\.train\[0\]\.path: dataset directory"):
+    data.make_train_iterator(in_process, process_index=0, process_count=1)
+  r = helpers.run_cli(helpers.main_cmd(wd, missing), timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"error: config.data.train[0].path: dataset directory {missing!r} does not exist")
+  assert "Traceback" not in r.stderr and not os.path.exists(wd)
 
 
 def test_dataset_dim_and_normalizer(tmp_path):
@@ -394,15 +410,15 @@ def test_dataset_dim_and_normalizer(tmp_path):
   write_dataset(str(tmp_path / "b"), [3, 4], num_shards=1)
   cfg = make_config([{"path": str(tmp_path / "a"), "weight": 1.0}])
   assert data.dataset_dim(cfg) == DIM
-  with pytest.raises(ValueError, match="field 'normalizer'.*does not exist"):
+  with pytest.raises(UserError, match="field 'normalizer'.*does not exist"):
     data.resolve_normalizer_path(cfg)
   np.savez(str(tmp_path / "a" / "normalizer.npz"), center=np.zeros(DIM))
   assert data.resolve_normalizer_path(cfg) == str(tmp_path / "a" / "normalizer.npz")
   cfg.data.normalizer = str(tmp_path / "other.npz")
-  with pytest.raises(ValueError, match=r"config\.data\.normalizer: .*other\.npz.* does not exist"):
+  with pytest.raises(UserError, match=r"config\.data\.normalizer: .*other\.npz.* does not exist"):
     data.resolve_normalizer_path(cfg)
   cfg = make_config([{"path": str(tmp_path / "b"), "weight": 1.0}])
-  with pytest.raises(ValueError, match=r"manifest\.json field 'normalizer' is not set"):
+  with pytest.raises(UserError, match=r"manifest\.json field 'normalizer' is not set"):
     data.resolve_normalizer_path(cfg)
 
 

@@ -109,7 +109,7 @@ def _train_config(train_dir, normalizer, *, steps):
   c.data.train = str(train_dir)
   c.data.eval = str(train_dir)
   c.data.normalizer = str(normalizer)
-  c.data.generate_synthetic_if_missing = False
+  c.data.synthetic_corpus = ""
   c.data.seq_len = 16
   c.data.max_doc_len = 16
   c.data.global_batch_size = 8
