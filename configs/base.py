@@ -61,13 +61,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.data_shards = 0           # read/pack streams of the global batch (0 = one per process);
                                    # fix it to make batches independent of the process count
-  c.data.worker_count = 0          # grain multiprocess prefetch workers (0 = in-process)
+  c.data.worker_count = 0          # grain prefetch worker processes per data shard (0 = in-process)
   c.data.worker_buffer_size = 2
   c.data.read_threads = 8          # ArrayRecord read threads per process
   c.data.read_buffer_size = 256    # records read ahead
   c.data.packing_bins = 0          # rows packed together (0 = max(batch, 8192 // seq_len))
   c.data.num_epochs = None         # None = repeat forever
-  c.data.generate_synthetic_if_missing = False  # the tiny default creates its corpus on first use
+  # The default job's corpus: `python -m lcm_jax.main` generates a synthetic corpus here on first
+  # use, and only when data.train is exactly this path (never into a path the user named).
+  c.data.synthetic_corpus = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 4e-4
@@ -106,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 0.0         # per device; 0 = look up from the device kind
   c.train.init_from = ""           # fine-tuning: start from WORKDIR[@STEP]'s params and buffers
   c.train.log_batch_fingerprints = False  # for determinism tests: hash of every batch in metrics
+  # Non-finite guard: every step checks its loss and gradient norm inside the jitted step and
+  # applies no update when either is NaN/inf. With 0 the run stops at the first such step (exit 3,
+  # no checkpoint of it); with N > 0 up to N such batches are skipped before stopping.
+  c.train.max_nonfinite_skips = 0
   return c
 
 
@@ -123,7 +129,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.sonar_embed_dim = 32
   c.model.dropout = 0.0
   c.data.train = "data/synthetic"
-  c.data.generate_synthetic_if_missing = True
+  c.data.synthetic_corpus = "data/synthetic"
   c.data.seq_len = 128
   c.data.global_batch_size = 16
   c.mesh.data = -1

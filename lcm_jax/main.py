@@ -16,6 +16,10 @@ else is needed; elsewhere (GPU clusters, localhost) set, per process,
 
 (optionally JAX_LOCAL_DEVICE_IDS=0,1,2,3). See lcm_jax/distributed.py and launch/ (GKE, XManager).
 Only process 0 logs progress and writes metrics; all processes save and restore checkpoints.
+
+Exit status: 0 done; 2 bad input (one `error:` line naming the flag, file or field); 3 training
+diverged (a non-finite loss or gradient; every checkpoint left is finite); 143 preempted (SIGTERM,
+checkpointed). Anything else is a bug and prints its traceback.
 """
 
 from __future__ import annotations
@@ -24,33 +28,43 @@ import hashlib
 import logging as logging_std
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lcm_jax import errors
+from lcm_jax import fileio
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "mse_1b6.py") + ":tiny"
 SYNTHETIC_DOCS = 20_000  # ~440k concepts: the tiny model sees each document ~3 times in 600 steps
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, optionally with ':variant' (e.g. configs/mse_1b6.py:tiny).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints, TensorBoard files and metrics.jsonl go here (default: "
-    "workdir/<config name>[_<variant>]).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe"],
-                          "train: train (resuming from the workdir's latest checkpoint); "
-                          "describe: print parameter count and FLOPs without allocating the model.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start-up (lcm_jax/distributed.py). auto: from JAX_COORDINATOR_ADDRESS/"
-    "JAX_NUM_PROCESSES/JAX_PROCESS_ID if set, else JAX's detection on Cloud TPU, GKE TPU, SLURM "
-    "and Open MPI, else a single process; on: always call jax.distributed.initialize; off: never.")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", 300, "Seconds to wait for the coordinator and every process at start-up "
-    "before failing with an error (exit 2).")
+_F: dict[str, flags.FlagHolder] = {}  # the flags, defined by define_flags()
+
+
+def define_flags() -> None:
+  """Defines the entry point's flags (the config flag parses its ``--config.*`` overrides here)."""
+  _F["config"] = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG,
+      "Config file, optionally with ':variant' (e.g. configs/mse_1b6.py:tiny).", lock_config=True)
+  _F["workdir"] = flags.DEFINE_string(
+      "workdir", None, "Checkpoints, TensorBoard files and metrics.jsonl go here (default: "
+      "workdir/<config name>[_<variant>]).")
+  _F["mode"] = flags.DEFINE_enum(
+      "mode", "train", ["train", "describe"],
+      "train: train (resuming from the workdir's latest checkpoint); describe: print parameter "
+      "count and FLOPs without allocating the model.")
+  _F["distributed"] = flags.DEFINE_enum(
+      "distributed", "auto", ["auto", "on", "off"],
+      "Multi-process start-up (lcm_jax/distributed.py). auto: from JAX_COORDINATOR_ADDRESS/"
+      "JAX_NUM_PROCESSES/JAX_PROCESS_ID if set, else JAX's detection on Cloud TPU, GKE TPU, SLURM "
+      "and Open MPI, else a single process; on: always call jax.distributed.initialize; off: never.")
+  _F["distributed_timeout"] = flags.DEFINE_integer(
+      "distributed_timeout", 300, "Seconds to wait for the coordinator and every process at "
+      "start-up before failing with an error (exit 2).")
 
 
 def default_workdir(config_arg: str) -> str:
@@ -88,15 +102,14 @@ def describe(config) -> str:
 
 
 def _maybe_generate_data(config) -> None:
-  """The embedded default trains on a synthetic corpus; generate it on first use."""
-  if not config.data.get("generate_synthetic_if_missing", False):
+  """The embedded default trains on a synthetic corpus: generate it on first use, and only at the
+  recipe's own path (``config.data.synthetic_corpus``), never into a path the user named."""
+  corpus = config.data.get("synthetic_corpus", "")
+  if not corpus or config.data.train != corpus:
     return
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
-  from lcm_jax.data import parse_dataset_spec  # pylint: disable=g-import-not-at-top
-  train = config.data.train
-  for ds in parse_dataset_spec(train) if isinstance(train, str) else train:
-    synthetic.ensure_corpus(ds["path"], dim=config.model.sonar_embed_dim, seed=config.seed,
-                            num_docs=SYNTHETIC_DOCS)
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top  (torch-free, but optional)
+  synthetic.ensure_corpus(corpus, dim=config.model.sonar_embed_dim, seed=config.seed,
+                          num_docs=SYNTHETIC_DOCS)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -110,48 +123,136 @@ class _QuietLibraries(logging_std.Filter):
 _QUIET = ("orbax", "grain", "jax", "etils", "tensorstore")
 
 
+def _config_arg() -> str:
+  return flags.FLAGS["config"].serialize().split("=", 1)[1]
+
+
+def _load_config():
+  """The parsed config, or :class:`errors.ConfigError` if its file could not be loaded."""
+  path = _config_arg().partition(":")[0]
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"--config: no such config file: {path}")
+  try:
+    config = _F["config"].value
+    config.to_json()  # a config that failed to load raises on first access
+  except OSError as e:
+    raise errors.ConfigError(f"--config: cannot load {path}: {str(e).splitlines()[-1].strip()}") \
+        from None
+  return config
+
+
 def main(argv) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+    return errors.report(f"unexpected arguments {argv[1:]} (flags are --name=value)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _MODE.value == "describe":
-    print(describe(config))
-    return 0
-
-  from lcm_jax import distributed  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
   try:
-    distributed.initialize(_DISTRIBUTED.value, _DISTRIBUTED_TIMEOUT.value)
+    config = _load_config()
+    if _F["mode"].value == "describe":
+      print(describe(config))
+      return 0
+    workdir = _F["workdir"].value or default_workdir(_config_arg())
+    fileio.check_output_dir(workdir, "--workdir")
+  except errors.USER_ERRORS as e:
+    return errors.report(e)
+
+  from lcm_jax import distributed  # pylint: disable=g-import-not-at-top  (keeps describe light)
+  try:
+    distributed.initialize(_F["distributed"].value, _F["distributed_timeout"].value)
     # Processes started with different configs would fail later in obscure ways.
     fingerprint = hashlib.sha1(f"{config.to_json()}\n{os.path.abspath(workdir)}".encode())
     distributed.agree("config+workdir fingerprint", fingerprint.hexdigest()[:16],
-                      _DISTRIBUTED_TIMEOUT.value)
+                      _F["distributed_timeout"].value)
   except distributed.DistributedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.report(e)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # progress and info lines come from process 0 only
   from lcm_jax import train  # pylint: disable=g-import-not-at-top  (keeps describe light)
-  from lcm_jax.errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
   logging.info("workdir: %s", os.path.abspath(workdir))
   logging.info("%s", distributed.describe_devices())
   try:
+    train.check_config(config)
     _maybe_generate_data(config)
     metrics = train.train_and_evaluate(config, workdir)
-  except USER_ERRORS as e:
+  except errors.USER_ERRORS as e:
+    return errors.report(e)
+  except train.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return e.exit_status
   if metrics:
     print("final eval: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
   return 0
 
 
+def _is_unknown_override(e: BaseException) -> bool:
+  """Whether ``e`` is ml_collections failing to find an overridden field's type (not a bug)."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return False
+  frames = traceback.extract_tb(e.__traceback__)
+  return any(f.filename.endswith(os.path.join("config_flags", "config_path.py")) for f in frames)
+
+
+def _unknown_override(e: Exception) -> str:
+  """The message for a ``--config.a.b=...`` override of a field the config does not have."""
+  key = str(e).strip("'\"")
+  overrides = [a.split("=", 1)[0].lstrip("-") for a in sys.argv[1:] if a.startswith("--config.")]
+  named = [o for o in overrides if key in o.split(".")] or overrides
+  return (f"--{named[0] if named else 'config'}: the config has no field {key!r} "
+          "(see the recipe in configs/ and configs/base.py)")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Like :func:`errors.parse_absl_flags` (help exits 0, a bad flag is one line), plus the config
+  flag's failures: an override of an unknown field and a ``ConfigError`` from the config file are
+  one line (exit 2); any other exception raised by the config file is a bug in it and prints its
+  traceback (exit 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    if not _is_unknown_override(e):
+      raise
+    sys.exit(errors.report(_unknown_override(e)))
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # the config file's get_config raised
+      last = [line for line in text.splitlines() if line.strip()][-1]
+      kind, _, message = last.partition(": ")
+      if kind.rsplit(".", 1)[-1] == errors.ConfigError.__name__:
+        sys.exit(errors.report(message))
+      print(text, file=sys.stderr)
+      sys.exit(1)
+    sys.exit(errors.report(text.splitlines()[0]))
+  except SystemExit:  # absl's --help prints the usage and exits 1
+    if errors.asks_for_help(argv):
+      sys.exit(0)
+    raise
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """A missing ``--config`` file: config_flags would fail on the first override with a trace."""
+  values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  for i, a in enumerate(argv[1:-1], start=1):
+    if a == "--config":
+      values.append(argv[i + 1])
+  if values and not os.path.isfile(values[-1].partition(":")[0]):
+    raise errors.ConfigError(f"--config: no such config file: {values[-1].partition(':')[0]}")
+
+
 def run() -> None:
+  try:
+    _check_config_file(sys.argv)
+  except errors.ConfigError as e:
+    sys.exit(errors.report(e))
+  try:
+    define_flags()
+  except (AttributeError, KeyError) as e:  # config_flags looks up override types at definition
+    if not _is_unknown_override(e):
+      raise
+    sys.exit(errors.report(_unknown_override(e)))
+
   def _main(argv):
     sys.exit(main(argv))
-  app.run(_main)
+  app.run(_main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

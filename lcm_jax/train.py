@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ import optax
 
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import data as data_lib
+from lcm_jax import errors
 from lcm_jax import metrics as metrics_lib
 from lcm_jax import models
 from lcm_jax import sharding
@@ -50,6 +52,42 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformati
       optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
       optax.adamw(lr_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                   weight_decay=opt.weight_decay))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks: what the loop relies on, checked before anything is built or written
+# ----------------------------------------------------------------------------------------------
+def _check_number(config, field: str, *, lo: float, lo_open: bool = False, hi: float | None = None,
+                  hi_open: bool = False, integer: bool = False) -> None:
+  section, name = field.split(".")
+  value = config[section][name]
+  kind = "an integer" if integer else "a number"
+  if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+    raise errors.ConfigError(f"config.{field}: expected {kind}, got {value!r}")
+  ok = np.isfinite(value) and (value > lo if lo_open else value >= lo)
+  if hi is not None:
+    ok = ok and (value < hi if hi_open else value <= hi)
+  if not ok:
+    bounds = f"{'>' if lo_open else '>='} {lo}" + (
+        f" and {'<' if hi_open else '<='} {hi}" if hi is not None else "")
+    raise errors.ConfigError(f"config.{field}: must be {bounds}, got {value!r}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`errors.ConfigError` naming the first ``config.train`` / ``config.optimizer``
+  field the loop cannot run with (model, data and mesh fields are checked where they are used)."""
+  for field in ("train.num_steps", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "optimizer.grad_accum_steps"):
+    _check_number(config, field, lo=1, integer=True)
+  for field in ("train.eval_every", "train.max_nonfinite_skips", "optimizer.warmup_steps",
+                "optimizer.decay_steps"):
+    _check_number(config, field, lo=0, integer=True)
+  for field in ("optimizer.lr", "optimizer.final_lr", "optimizer.warmup_init_lr",
+                "optimizer.weight_decay", "optimizer.grad_clip"):
+    _check_number(config, field, lo=0)
+  for field in ("optimizer.b1", "optimizer.b2"):
+    _check_number(config, field, lo=0, hi=1, hi_open=True)
+  _check_number(config, "optimizer.eps", lo=0, lo_open=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +155,7 @@ def set_normalizer(buffers, normalizer: Normalizer, shardings):
       return leaf
     v = np.asarray(values[name], np.float32)
     if v.shape != leaf.shape:
-      raise ValueError(f"normalizer: field '{name}' has shape {v.shape}, the model expects "
+      raise errors.UserError(f"normalizer: field '{name}' has shape {v.shape}, the model expects "
                        f"{leaf.shape} (config.model.sonar_embed_dim)")
     return jax.device_put(v, shard)
   return jax.tree_util.tree_map_with_path(put, buffers, shardings)
@@ -186,11 +224,19 @@ def make_train_step(s: Setup):
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
+    # The non-finite guard: a step whose loss or gradient is NaN/inf applies no update (the
+    # select fuses into the optimizer's elementwise update); the loop decides to skip or stop.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = s.tx.update(grads, state["opt_state"], params)
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                     opt_state=opt_state)
+
+    def keep_if_finite(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = dict(state, step=state["step"] + 1,
+                     params=keep_if_finite(optax.apply_updates(params, updates), params),
+                     opt_state=keep_if_finite(opt_state, state["opt_state"]))
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-               "num_targets": count}
+               "num_targets": count, "finite": finite}
     return new_state, metrics
 
   return sharding.jit_under_mesh(step, s.mesh,
@@ -273,26 +319,96 @@ class Preempted(SystemExit):
     super().__init__(143)
 
 
+class TrainingDiverged(Exception):
+  """A step had a non-finite loss or gradient (or the state a non-finite value) and no more bad
+  batches may be skipped. Nothing from that step on was saved; the message names the last
+  checkpoint, every value of which is finite. ``lcm_jax.main`` exits with :data:`exit_status`."""
+  exit_status = errors.DIVERGED_EXIT
+
+
+def _finite_leaves(tree):
+  """Per-leaf ``all(isfinite)`` of the floating-point leaves (True for the others)."""
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.array(True), tree)
+
+
+class _NonFiniteGuard:
+  """Settles the steps' in-jit finiteness flags at log and checkpoint steps (no per-step host
+  sync): skips up to ``config.train.max_nonfinite_skips`` bad batches in total (their updates were
+  not applied), then raises :class:`TrainingDiverged`. Before every save it checks the whole
+  state, so no checkpoint ever holds a NaN or inf."""
+
+  def __init__(self, s: Setup, ckpt, writer, skipped: int):
+    self.max_skips = int(s.config.train.max_nonfinite_skips)
+    self.skipped = skipped
+    self._ckpt, self._writer = ckpt, writer
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._finite_leaves = sharding.jit_under_mesh(_finite_leaves, s.mesh,
+                                                  out_shardings=sharding.replicated(s.mesh))
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def _diverged(self, what: str) -> TrainingDiverged:
+    self._ckpt.wait()
+    last = self._ckpt.latest_step()
+    where = (f"the last checkpoint, {os.path.join(self._ckpt.directory, str(last))}, holds only "
+             "finite values" if last is not None else "no checkpoint was saved")
+    return TrainingDiverged(
+        f"training diverged: {what}; stopped without saving it ({where}). Lower "
+        "config.optimizer.lr or raise config.optimizer.warmup_steps, or let "
+        "config.train.max_nonfinite_skips=N skip up to N bad batches")
+
+  def settle(self) -> None:
+    if not self._pending:
+      return
+    pending, self._pending = self._pending, []
+    flags = jax.device_get([m["finite"] for _, m in pending])
+    for (step, m), ok in zip(pending, flags):
+      if ok:
+        continue
+      loss, grad_norm = (float(x) for x in jax.device_get((m["loss"], m["grad_norm"])))
+      what = f"step {step} has loss {loss:.6g} and gradient norm {grad_norm:.6g}"
+      if self.skipped >= self.max_skips:
+        raise self._diverged(what)
+      self.skipped += 1
+      logging.warning("%s: its update was skipped (%d of config.train.max_nonfinite_skips=%d)",
+                      what, self.skipped, self.max_skips)
+      self._writer.write_scalars(step, {"train/nonfinite_skips": self.skipped})
+
+  def check_state(self, step: int, state: State) -> None:
+    flags = jax.device_get(self._finite_leaves(state))
+    bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
+           if not ok]
+    if bad:
+      raise self._diverged(f"the state after step {step} holds non-finite values in "
+                           f"{', '.join(bad[:3])}{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains until ``config.train.num_steps``, resuming from the latest checkpoint in ``workdir``.
 
   Returns the final eval metrics.
   """
+  check_config(config)
   s = setup(config)
   train_iter = data_lib.make_train_iterator(config)  # validates datasets against the model dim
   normalizer_path = data_lib.resolve_normalizer_path(config)
   normalizer = Normalizer.load(normalizer_path)
   if normalizer.center.shape != (s.model_cfg.sonar_embed_dim,):
-    raise ValueError(f"{normalizer_path}: field 'center': shape {normalizer.center.shape}, the "
+    raise errors.UserError(f"{normalizer_path}: field 'center': shape {normalizer.center.shape}, the "
                      f"model expects ({s.model_cfg.sonar_embed_dim},) (config.model.sonar_embed_dim)")
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                async_save=config.train.async_checkpoint)
   writer = metrics_lib.MetricWriter(workdir)
   try:
     latest = ckpt.latest_step()
+    skipped = 0
     if latest is not None:
+      ckpt.check_model_config(latest, json.loads(config.model.to_json()))
       logging.info("Restoring checkpoint %d from %s", latest, ckpt.directory)
-      state, _ = ckpt.restore(latest, s.abstract_state, train_iter)
+      state, saved_meta = ckpt.restore(latest, s.abstract_state, train_iter)
+      skipped = int((saved_meta or {}).get("nonfinite_skips", 0))
     else:
       state = init_state(s, normalizer)
       init_from = config.train.get("init_from", "")
@@ -301,13 +417,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write_hparams(dict(_flatten(config.to_dict())))
     start = int(state["step"])
     meta = {"config": config.to_json(), "mesh": dict(s.mesh.shape), "normalizer": normalizer_path}
-    return _loop(s, state, start, train_iter, ckpt, writer, meta, workdir)
+    guard = _NonFiniteGuard(s, ckpt, writer, skipped)
+    return _loop(s, state, start, train_iter, ckpt, writer, meta, guard)
   finally:
     ckpt.close()
     writer.close()
 
 
-def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer, meta, workdir):
+def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer, meta,
+          guard: _NonFiniteGuard):
   cfg = s.config
   total = cfg.train.num_steps
   train_step = make_train_step(s)
@@ -328,7 +446,9 @@ def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer
       state, m = train_step(state, sharding.global_batch_from_local(batch, s.mesh))
       step += 1
       steps_since += 1
+      guard.add(step, m)
       if step % cfg.train.log_every == 0 or step == total:
+        guard.settle()
         m = jax.device_get(m)
         dt = (time.time() - t_last) / steps_since
         scalars = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"], "train/lr": m["lr"],
@@ -339,9 +459,6 @@ def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer
         writer.write_scalars(step, scalars)
         if jax.process_index() == 0:
           logging.info("%s", progress.line(step, float(m["loss"])))
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"step {step}: loss is {m['loss']}; stopping (last good "
-                                   f"checkpoint: {ckpt.latest_step()})")
         t_last, steps_since, real_concepts = time.time(), 0, 0.0
       if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
         eval_metrics = evaluate(s, eval_step, state, cfg.train.eval_batches)
@@ -349,7 +466,10 @@ def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer
         t_last = time.time()
       stop = preempt.any_process()
       if step % cfg.train.checkpoint_every == 0 or step == total or stop:
-        ckpt.save(step, state, train_iter, meta, force=stop or step == total)
+        guard.settle()
+        guard.check_state(step, state)
+        ckpt.save(step, state, train_iter, dict(meta, nonfinite_skips=guard.skipped),
+                  force=stop or step == total)
       if stop:
         ckpt.wait()
         writer.flush()

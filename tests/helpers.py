@@ -45,7 +45,7 @@ def corpus_train_config(recipe, corpus, steps):
   cosine decay, eval, checkpoint and log all at the last step."""
   c = recipe.get_config("tiny")
   c.data.train = corpus
-  c.data.generate_synthetic_if_missing = False
+  c.data.synthetic_corpus = ""
   c.train.num_steps = steps
   c.optimizer.decay_steps = steps
   c.train.eval_every = steps
@@ -130,12 +130,25 @@ def run_cli(cmd, timeout=600):
                         timeout=timeout)
 
 
+def make_corpus(out, num_docs, dim, seed):
+  """Writes a synthetic branching corpus with ``python -m data_prep.synthetic``; returns ``out``."""
+  r = run_cli([sys.executable, "-m", "data_prep.synthetic", f"--out={out}",
+               f"--num_docs={num_docs}", f"--dim={dim}", f"--seed={seed}"])
+  assert r.returncode == 0, r.stderr
+  return out
+
+
+def checkpoint_steps(workdir):
+  """The steps of the checkpoints in ``workdir/checkpoints`` (sorted; [] if none)."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
 def main_cmd(workdir, data_dir, *overrides, config="configs/mse_1b6.py:tiny"):
   """``python -m lcm_jax.main`` training ``config`` on ``data_dir`` (no synthetic generation)."""
   return [sys.executable, "-m", "lcm_jax.main", f"--config={os.path.join(ROOT, config)}",
           f"--workdir={workdir}",
-          f"--config.data.train={data_dir}",
-          "--config.data.generate_synthetic_if_missing=False", *overrides]
+          f"--config.data.train={data_dir}", *overrides]
 
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lcm_jax import schema
-from tests.helpers import ROOT, cli_env, main_cmd, run_cli
+from tests.helpers import ROOT, checkpoint_steps, cli_env, main_cmd, make_corpus, run_cli
 
 DIM = 32
 
@@ -25,20 +25,12 @@ def _metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _checkpoint_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(d):
-    return []
-  return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+_checkpoint_steps = checkpoint_steps
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("data") / "synthetic")
-  r = run_cli([sys.executable, "-m", "data_prep.synthetic", f"--out={out}", "--num_docs=1200",
-               f"--dim={DIM}", "--seed=3"])
-  assert r.returncode == 0, r.stderr
-  return out
+  return make_corpus(str(tmp_path_factory.mktemp("data") / "synthetic"), 1200, DIM, 3)
 
 
 def _params(workdir, step=None):
