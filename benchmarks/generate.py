@@ -7,7 +7,7 @@ Default configs: configs/mse_1b6.py and configs/two_tower_1b6.py, each ``:tiny``
 For each config: randomly initialised weights (lcm_jax.train.init_state), ``--batch`` random
 prompts of ``--prompt_len`` concepts, ``--max_len`` concepts generated per prompt by
 lcm_jax.generate.Generator (one jitted ``lax.while_loop``) with every early stop off (no
-end-of-text vector, no repetition threshold, ``min_len = max_len``), so every row generates
+end-of-text vector, no repetition threshold, ``min_gen_len = max_len``), so every row generates
 exactly ``max_len`` concepts (checked). Two-Tower: DDIM with ``--num_steps`` (default 40; the
 reference's ``trailing_reference`` spacing then visits 50 of the 100 timesteps) and classifier-free
 guidance ``--guidance_scale`` (default 3: the conditional and unconditional halves run as one
@@ -114,7 +114,7 @@ def bench_one(spec: str, args: argparse.Namespace) -> str:
     visited = len(diffusion.ddim_timesteps(cfg.num_diffusion_train_steps, sampler.num_steps,
                                            sampler.timestep_spacing))
     halves = 2 if sampler.guidance_scale != 1.0 else 1
-  gen_cfg = generate.GenerationConfig(max_len=args.max_len, min_len=args.max_len,
+  gen_cfg = generate.GenerationConfig(max_len=args.max_len, min_gen_len=args.max_len,
                                       repetition_threshold=None)
   generator = generate.Generator(s.model, gen_cfg, sampler=sampler, eot_vector=None)
   rng = np.random.default_rng(0)

@@ -5,8 +5,9 @@ r"""Text in, text out: segment + SONAR-encode prompts, generate concepts with an
       (--prompt="text" | --prompt_file=F) --out=FILE.jsonl \
       [--sat_model=sat-3l] [--sat_tokenizer=DIR] [--encoder=text_sonar_basic_encoder] \
       [--decoder=text_sonar_basic_decoder] [--tokenizer=CARD_OR_PATH] [--lang=eng_Latn] \
-      [--target_lang=eng_Latn] [--max_len=16] [--min_len=1] [--eot_threshold=0.9] \
-      [--eot_text="End of text."] [--repetition_threshold=0.9] [--temperature=0] \
+      [--target_lang=eng_Latn] [--max_len=16] [--min_gen_len=1] [--eot_threshold=0.9] \
+      [--eot_text="End of text."] [--repetition_threshold=0.9] \
+      [--[no-]sample_latent_variable] [--temperature=1.0] \
       [--sampler_steps=40] [--guidance_scale=3] [--guidance_rescale=0.7] \
       [--initial_noise_scale=0.6] [--eta=0] [--seed=0] [--beam_size=5] [--decode_max_len=256] \
       [--device=cuda]
@@ -63,11 +64,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lcm_jax import errors
+
 TOOL = "data_prep.text_generate"
 
 
-class UserError(ValueError):
-  """A bad input or setting: reported as one ``error:`` line, exit status 2."""
+# A bad input or setting: one ``error:`` line, exit status 2 (the project's user-error type).
+UserError = errors.UserError
 
 
 def _log(msg: str) -> None:
@@ -112,12 +115,22 @@ def _parser() -> argparse.ArgumentParser:
                  help="most TOKENS per decoded sentence (data_prep.decode's --max_len)")
   g = p.add_argument_group("generation")
   g.add_argument("--max_len", type=int, default=16, help="most concepts generated per prompt")
-  g.add_argument("--min_len", type=int, default=1, help="no EOT/repetition stop before this")
+  g.add_argument("--min_gen_len", type=int, default=1,
+                 help="the reference's min_gen_len (>= 1): an EOT/repetition stop needs this "
+                 "many generated concepts before the one that triggers it (the first "
+                 "generated concept never stops)")
   g.add_argument("--eot_threshold", type=float, default=0.9,
                  help="stop at cosine(concept, EOT vector) >= this; the EOT stop is off if < -1")
   g.add_argument("--repetition_threshold", type=float, default=None,
                  help="stop at cosine(concept, previous) >= this (default off; paper: 0.9)")
-  g.add_argument("--temperature", type=float, default=0.0, help="Base-LCM sampling noise")
+  g.add_argument("--sample_latent_variable", action=argparse.BooleanOptionalAction,
+                 default=None,
+                 help="Base-LCM: add temperature * N(0, I) (normalized space) to each "
+                 "prediction (the reference generator's default is on; ours off); unset: on "
+                 "exactly when --temperature > 0 is given")
+  g.add_argument("--temperature", type=float, default=None,
+                 help="Base-LCM latent noise std when sampling (the reference's "
+                 "lcm_temperature; unset: 1.0)")
   g.add_argument("--sampler_steps", type=int, default=40, help="Two-Tower DDIM steps")
   g.add_argument("--guidance_scale", type=float, default=3.0, help="Two-Tower CF guidance")
   g.add_argument("--guidance_rescale", type=float, default=0.7, help="Two-Tower guidance rescale")
@@ -189,12 +202,12 @@ def _load_model(a: argparse.Namespace, device: Any, tmp: str) -> Any:
     card = os.path.join(tmp, "export")
     try:
       summary = export.export_checkpoint(a.workdir, card, step=a.step)
-    except ValueError as e:  # ExportError, CheckpointError
+    except UserError as e:  # ExportError, CheckpointError
       raise UserError(f"--workdir {a.workdir}: {e}") from None
     _log(f"exported {a.workdir} step {summary.get('step')} to {card}")
   try:
     return torch_models.load_from_card(card, device=device)
-  except (ValueError, OSError) as e:
+  except (UserError, OSError) as e:
     raise UserError(f"--card {card}: {e}") from None
 
 
@@ -234,58 +247,54 @@ def load_models(a: argparse.Namespace) -> Models:
   from data_prep import sat, sonar  # pylint: disable=g-import-not-at-top
   from lcm_jax import diffusion, torch_generate  # pylint: disable=g-import-not-at-top
   from lcm_jax.generate import GenerationConfig  # pylint: disable=g-import-not-at-top
-  gen_cfg = GenerationConfig(max_len=a.max_len, min_len=a.min_len,
+  from lcm_jax.generate import latent_sampling_from_flags  # pylint: disable=g-import-not-at-top
+  temperature = 1.0 if a.temperature is None else a.temperature
+  gen_cfg = GenerationConfig(max_len=a.max_len, min_gen_len=a.min_gen_len,
                              eot_threshold=max(a.eot_threshold, -1.0),
                              repetition_threshold=a.repetition_threshold,
-                             temperature=a.temperature)
+                             sample_latent_variable=latent_sampling_from_flags(
+                                 a.sample_latent_variable, temperature,
+                                 a.temperature is not None),
+                             temperature=temperature)
   sampler = diffusion.SamplerConfig(num_steps=a.sampler_steps, guidance_scale=a.guidance_scale,
                                     guidance_rescale=a.guidance_rescale,
                                     initial_noise_scale=a.initial_noise_scale, eta=a.eta)
-  try:
-    gen_cfg.validate()
-    device = sonar.resolve_device(a.device)
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  gen_cfg.validate()
+  device = sonar.resolve_device(a.device)
   os.environ.setdefault("FAIRSEQ2_NO_PROGRESS", "1")
   with tempfile.TemporaryDirectory(prefix="text_generate-") as tmp:
     model = _load_model(a, device, tmp)
   cfg = model.config
   if cfg.family == "two_tower_diffusion_lcm":
-    try:
-      sampler.validate(cfg.num_diffusion_train_steps)
-    except ValueError as e:
-      raise UserError(str(e)) from None
+    sampler.validate(cfg.num_diffusion_train_steps)
   try:
     segmenter = sat.Segmenter(sat.load_sat(a.sat_model, a.sat_tokenizer, device=str(device)),
                               threshold=a.sat_threshold, max_chars=a.max_chars)
-  except (sat.SegmenterLoadError, ValueError) as e:
+  except UserError as e:  # SegmenterLoadError too
     raise UserError(f"--sat_model {a.sat_model}: {e}") from None
   try:
     encoder = sonar.load_text_encoder(a.encoder, a.tokenizer, device=a.device)
-  except (sonar.SonarLoadError, ValueError) as e:
+  except UserError as e:  # SonarLoadError too
     raise UserError(f"--encoder {a.encoder}: {e}") from None
   if encoder.dim != cfg.sonar_embed_dim:
     raise UserError(f"--encoder {a.encoder}: embedding dim {encoder.dim} != the model's "
                     f"sonar_embed_dim {cfg.sonar_embed_dim}")
   try:
     decoder = sonar.load_text_decoder(a.decoder, a.tokenizer, device=a.device)
-  except (sonar.SonarLoadError, ValueError) as e:
+  except UserError as e:  # SonarLoadError too
     raise UserError(f"--decoder {a.decoder}: {e}") from None
   if decoder.dim != cfg.sonar_embed_dim:
     raise UserError(f"--decoder {a.decoder}: embedding dim {decoder.dim} != the model's "
                     f"sonar_embed_dim {cfg.sonar_embed_dim}")
   try:
     decoder.check_lang(a.target_lang)
-  except ValueError as e:
+  except UserError as e:
     raise UserError(f"--target_lang {a.target_lang}: {e}") from None
   try:
     eot = encoder.encode([a.eot_text], a.eot_lang)[0] if a.eot_threshold >= -1.0 else None
-  except ValueError as e:
+  except UserError as e:
     raise UserError(f"--lang {a.lang} / --eot_lang {a.eot_lang}: {e}") from None
-  try:
-    generator = torch_generate.Generator(model, gen_cfg, sampler=sampler, eot_vector=eot)
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  generator = torch_generate.Generator(model, gen_cfg, sampler=sampler, eot_vector=eot)
   return Models(model=model, segmenter=segmenter, encoder=encoder, decoder=decoder, eot=eot,
                 gen_cfg=gen_cfg, sampler=sampler, generator=generator, device=device)
 
@@ -340,7 +349,7 @@ def generate_texts(m: Models, a: argparse.Namespace, prompts: Sequence[tuple[str
     emb = m.encoder.encode(flat, a.lang)
     consts = (m.encoder.encode(prefix + suffix, a.eot_lang) if prefix or suffix
               else np.zeros((0, dim), np.float32))
-  except ValueError as e:
+  except UserError as e:
     raise UserError(f"--lang {a.lang} / --eot_lang {a.eot_lang}: {e}") from None
   pre, suf = consts[:len(prefix)], consts[len(prefix):]
   offsets = np.cumsum([0] + [len(s) for s in segmented])
@@ -384,9 +393,10 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
   input."""
   from data_prep import decode  # pylint: disable=g-import-not-at-top
 
-  if os.path.isdir(a.out):
-    raise UserError(f"--out {a.out}: is a directory")
+  from lcm_jax.fileio import check_output_file  # pylint: disable=g-import-not-at-top
   concepts_path = a.concepts or os.path.splitext(a.out)[0] + ".npz"
+  check_output_file(a.out, "--out")
+  check_output_file(concepts_path, "--concepts")
   if os.path.abspath(concepts_path) == os.path.abspath(a.out):
     raise UserError(f"--concepts {concepts_path}: same file as --out")
   prompts = read_prompts(a.prompt, a.prompt_file)

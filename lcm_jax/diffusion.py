@@ -32,7 +32,10 @@ n))``, reversed) are offered too.
 Sampler conventions fixed here (see :func:`sample` for the full algorithm):
   * the initial noise is ``jax.random.normal(jax.random.split(rng)[0], shape)``, scaled by
     ``initial_noise_scale`` and clipped to ``+-clip_noise``; ``split(rng)[1]`` seeds the
-    ``eta > 0`` noise;
+    ``eta > 0`` noise; the x after every DDIM step is clipped to ``+-clip_noise`` too, as in the
+    reference (``clip_noise`` 100 by default: a no-op for normalized SONAR vectors in practice);
+  * the x0 of each step can be thresholded as diffusers' DDIM does (``clip_sample`` static,
+    ``thresholding`` dynamic; both off by default, as in the reference), see :func:`threshold_x0`;
   * guidance works in epsilon space and the guided x0 is recomputed from the guided epsilon;
     epsilon scaling (exposure-bias correction, Ning et al. 2023) divides the epsilon used by the
     DDIM update only, AFTER the guided x0 is formed, so it never changes the x0 prediction and
@@ -55,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax.errors import UserError
 from lcm_jax.models.config import BETA_SCHEDULES, LOSS_WEIGHTINGS, ModelConfig
 
 Array = jax.Array
@@ -316,33 +320,56 @@ class SamplerConfig:
   timestep_spacing: str = "trailing_reference"
   """One of :data:`TIMESTEP_SPACINGS`."""
   clip_noise: float = 100.0
-  """The initial noise is clipped to +-clip_noise."""
+  """The latent is clipped to +-clip_noise: the initial noise and the x after EVERY DDIM step
+  (the reference's ``clip_noise``, default 100)."""
+  clip_sample: bool = False
+  """Static thresholding (diffusers' ``clip_sample``): the x0 prediction of each step is clipped
+  to +-clip_sample_range. Ignored when ``thresholding`` is on."""
+  clip_sample_range: float = 1.0
+  """The bound of ``clip_sample`` (diffusers' default 1.0)."""
+  thresholding: bool = False
+  """Dynamic thresholding (Saharia et al. 2022, diffusers' ``thresholding``): per vector,
+  ``s = clip(quantile(|x0|, dynamic_thresholding_ratio), 1, sample_max_value)`` and
+  ``x0 = clip(x0, -s, s) / s``. Off by default, as in the reference."""
+  dynamic_thresholding_ratio: float = 0.995
+  """The quantile of ``thresholding`` (the reference's default 0.995)."""
+  sample_max_value: float = 6.0
+  """The largest ``s`` of ``thresholding`` (the reference generator's default 6.0)."""
 
   def validate(self, num_train_steps: int) -> None:
-    """Raises ``ValueError`` naming the field if a setting is out of range."""
+    """Raises :class:`~lcm_jax.errors.UserError` naming the field if a setting is out of range."""
     if (not isinstance(self.num_steps, (int, np.integer)) or isinstance(self.num_steps, bool)
         or not 1 <= self.num_steps <= num_train_steps):
-      raise ValueError(f"SamplerConfig.num_steps: expected an int in [1, {num_train_steps}], got "
+      raise UserError(f"SamplerConfig.num_steps: expected an int in [1, {num_train_steps}], got "
                        f"{self.num_steps!r}")
     if not self.guidance_scale >= 0.0:
-      raise ValueError(f"SamplerConfig.guidance_scale: expected >= 0, got "
+      raise UserError(f"SamplerConfig.guidance_scale: expected >= 0, got "
                        f"{self.guidance_scale!r}")
     if not 0.0 <= self.guidance_rescale <= 1.0:
-      raise ValueError(f"SamplerConfig.guidance_rescale: expected in [0, 1], got "
+      raise UserError(f"SamplerConfig.guidance_rescale: expected in [0, 1], got "
                        f"{self.guidance_rescale!r}")
     if not self.initial_noise_scale > 0.0:
-      raise ValueError(f"SamplerConfig.initial_noise_scale: expected > 0, got "
+      raise UserError(f"SamplerConfig.initial_noise_scale: expected > 0, got "
                        f"{self.initial_noise_scale!r}")
     if not self.epsilon_scaling > 0.0:
-      raise ValueError(f"SamplerConfig.epsilon_scaling: expected > 0, got "
+      raise UserError(f"SamplerConfig.epsilon_scaling: expected > 0, got "
                        f"{self.epsilon_scaling!r}")
     if not self.eta >= 0.0:
-      raise ValueError(f"SamplerConfig.eta: expected >= 0, got {self.eta!r}")
+      raise UserError(f"SamplerConfig.eta: expected >= 0, got {self.eta!r}")
     if self.timestep_spacing not in TIMESTEP_SPACINGS:
-      raise ValueError(f"SamplerConfig.timestep_spacing: {self.timestep_spacing!r} not in "
+      raise UserError(f"SamplerConfig.timestep_spacing: {self.timestep_spacing!r} not in "
                        f"{TIMESTEP_SPACINGS}")
     if not self.clip_noise > 0.0:
-      raise ValueError(f"SamplerConfig.clip_noise: expected > 0, got {self.clip_noise!r}")
+      raise UserError(f"SamplerConfig.clip_noise: expected > 0, got {self.clip_noise!r}")
+    if not self.clip_sample_range > 0.0:
+      raise UserError(f"SamplerConfig.clip_sample_range: expected > 0, got "
+                      f"{self.clip_sample_range!r}")
+    if not 0.0 <= self.dynamic_thresholding_ratio <= 1.0:
+      raise UserError(f"SamplerConfig.dynamic_thresholding_ratio: expected a quantile in [0, 1], "
+                      f"got {self.dynamic_thresholding_ratio!r}")
+    if not self.sample_max_value >= 1.0:
+      raise UserError(f"SamplerConfig.sample_max_value: expected >= 1 (s is clipped to "
+                      f"[1, sample_max_value]), got {self.sample_max_value!r}")
 
   def replace(self, **changes: Any) -> "SamplerConfig":
     """A copy with some fields changed."""
@@ -440,6 +467,24 @@ def ddim_step(x: Array, x0: Array, eps: Array, ab: Array, ab_prev: Array, eta: f
   return jnp.broadcast_to(out, jnp.shape(x))
 
 
+def threshold_x0(x0: Array, cfg: SamplerConfig) -> Array:
+  """The x0 clipping of a DDIM step, as diffusers' DDIM defines it (float32, per vector).
+
+  ``thresholding`` (dynamic, Saharia et al. 2022): ``s = clip(quantile(|x0|, ratio), 1,
+  sample_max_value)`` over the last axis (linear interpolation, as ``torch.quantile``), then
+  ``clip(x0, -s, s) / s``; else ``clip_sample`` (static): ``clip(x0, -range, range)``; else x0.
+  The reference's vectors are (B, 1, S), so its per-row quantile is this per-vector one.
+  """
+  x0 = jnp.asarray(x0, jnp.float32)
+  if cfg.thresholding:
+    s = jnp.quantile(jnp.abs(x0), cfg.dynamic_thresholding_ratio, axis=-1, keepdims=True)
+    s = jnp.clip(s, 1.0, cfg.sample_max_value)
+    return jnp.clip(x0, -s, s) / s
+  if cfg.clip_sample:
+    return jnp.clip(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+  return x0
+
+
 def sample(denoise_fn: DenoiseFn, rng: Array, shape: tuple[int, ...], alpha_bar: np.ndarray,
            cfg: SamplerConfig) -> Array:
   """DDIM sampling from noise to x0 (float32, normalized space); jittable (``cfg`` static).
@@ -460,9 +505,12 @@ def sample(denoise_fn: DenoiseFn, rng: Array, shape: tuple[int, ...], alpha_bar:
        ``eps = guided_eps(eps_c, eps_u, g, r)`` and ``x0 = (x - sqrt(1 - ab) eps) / sqrt(ab)``;
        unguided, ``eps = eps_c`` and ``x0 = x0_c``;
     3. where ``ab == 0`` (zero terminal SNR): ``x0 = x0_c`` and ``eps = x`` (no guidance);
-    4. ``eps /= epsilon_scaling``; ``x = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps +
-       sigma z`` (:func:`ddim_step`).
-  Returns the x0 of the last visited step (not x after it).
+    4. ``eps /= epsilon_scaling``; ``x0 = threshold_x0(x0)`` (static/dynamic thresholding, off by
+       default; eps is NOT recomputed from the thresholded x0, as in the reference);
+    5. ``x = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` (:func:`ddim_step`),
+       then ``x = clip(x, -clip_noise, clip_noise)`` (the reference clips after every step).
+  The initial x is ``clip(initial_noise_scale * N(0, I), -clip_noise, clip_noise)``.
+  Returns the (thresholded) x0 of the last visited step (not x after it).
   """
   alpha_bar = np.asarray(alpha_bar, np.float64)
   if alpha_bar.ndim != 1:
@@ -505,8 +553,10 @@ def sample(denoise_fn: DenoiseFn, rng: Array, shape: tuple[int, ...], alpha_bar:
     eps = jnp.where(s["zero_snr"], x, eps)
     if eps_scale != 1.0:
       eps = eps / jnp.float32(eps_scale)
+    x0 = threshold_x0(x0, cfg)
     z = jax.random.normal(s["key"], shape, jnp.float32) if stochastic else None
     x_prev = _ddim_update(x0, eps, s["sqrt_ab_prev"], s["dir_coef"], s["sigma"], z)
+    x_prev = jnp.clip(x_prev, -cfg.clip_noise, cfg.clip_noise)
     return (x_prev, x0), None
 
   (_, x0), _ = jax.lax.scan(step, (x, jnp.zeros(shape, jnp.float32)), xs)

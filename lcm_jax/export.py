@@ -2,7 +2,8 @@ r"""Orbax checkpoint <-> PyTorch checkpoint in the format of the reference imple
 
   # export: a training run's checkpoint -> DIR/{model.pt, model_card.yaml, normalizer.pt, ...}
   python -m lcm_jax.export --workdir=W [--step=S] --out=DIR \
-      [--dtype=float32|bfloat16|float16] [--name=NAME] [--config=FILE[:VARIANT]] [--overwrite]
+      [--dtype=float32|bfloat16|float16] [--name=NAME] [--config=FILE[:VARIANT]] [--overwrite] \
+      [--relative_checkpoint]
   # import: an exported (or reference) card -> an Orbax checkpoint a run can start from
   python -m lcm_jax.export --from_torch=DIR/model_card.yaml --workdir=W [--step=0]
   python -m lcm_jax.main --config=configs/mse_1b6.py:sft --config.train.init_from=W ...
@@ -23,17 +24,33 @@ when complete; an existing non-empty ``DIR`` needs ``--overwrite``):
     name: NAME                              # default: the basename of DIR
     model_family: base_lcm | two_tower_diffusion_lcm
     model_arch: toy_base_lcm | toy_two_tower_diffusion_lcm   # base that model_config overrides
-    checkpoint: model.pt                    # relative to the card
+    checkpoint: file:///abs/DIR/model.pt    # absolute URI (--relative_checkpoint: model.pt)
     model_config: {...}                     # the reference's config fields, see below
     lcm_jax: {format_version, dtype, step, model_config: <every ModelConfig field>,
               reference_compatible, notes}  # ignored by the reference; makes import lossless
 
 * ``normalizer.pt`` (``{"model": {"center", "scale"}, "model_key": "model"}``) and
   ``normalizer_card.yaml`` (``name: NAME_sonar_normalizer``, ``model_family: sonar_normalizer``,
-  ``model_arch: base``, ``model_config: {dim: S}``, ``checkpoint: normalizer.pt``): the card that
-  ``model_config.sonar_normalizer_name`` names; the reference builds the model's normalizer from it
-  before loading ``model.pt`` (whose own ``center``/``scale`` then overwrite it). Put ``DIR`` in
-  the reference's asset path (fairseq2 reads every card file of a directory).
+  ``model_arch: base``, ``model_config: {dim: S}``, ``checkpoint: file:///abs/DIR/normalizer.pt``):
+  the card that ``model_config.sonar_normalizer_name`` names; the reference builds the model's
+  normalizer from it (by NAME, through its asset store) before loading ``model.pt`` (whose own
+  ``center``/``scale`` then overwrite it).
+
+Loading in the reference (fairseq2 0.3.0rc1, which it pins): ``DIR`` is an asset directory.
+Its asset store reads, when fairseq2 is imported, every ``*.yaml`` under ``$FAIRSEQ2_USER_ASSET_DIR``
+(default ``~/.config/fairseq2/assets``, read recursively), so::
+
+  export FAIRSEQ2_USER_ASSET_DIR=/abs/DIR     # or copy/symlink DIR under ~/.config/fairseq2/assets
+  python -c "from lcm.utils.card_utils import load_model_from_card as f; print(f('NAME'))"
+
+registers both cards; the model then loads by card name, or by the path
+``/abs/DIR/model_card.yaml`` (the reference's ``load_model_from_card`` parses a card given by
+path itself: no base directory, so its checkpoint must be an absolute URI, which is why the
+export writes absolute ``file://`` URIs; the normalizer card is still looked up by name, so the
+directory must be registered either way). The URIs name the final ``DIR``: a moved directory
+needs re-registering and, for loading by path, a re-export (or ``--relative_checkpoint``, whose
+relative names the asset store resolves against the card's directory). Card names must be
+unique across the registered directories and may not contain ``@``.
 
 Reference config field names (``model_config``), followed from facebookresearch/large_concept_model:
   * ``lcm/models/abstract_lcm/builder.py`` ``AbstractLCModelConfig``: ``model_type``,
@@ -72,7 +89,10 @@ fine (``lcm_jax.reference_compatible: false`` with ``notes``, and a warning), lo
 Import (``--from_torch``) reads the card (``model_family`` must be one of the two families; the
 reference config is ``model_arch``'s (the reference archs ``toy_base_lcm``, ``base_lcm_1_6B``,
 ``toy_two_tower_diffusion_lcm``, ``two_tower_diffusion_lcm_1_6B``, ``two_tower_diffusion_lcm_7B``)
-merged with ``model_config``; fields lcm_jax cannot represent, e.g. ``use_swiglu: false``, are
+merged with ``model_config``; ``checkpoint`` may be a path relative to the card (older
+exports), an absolute path or a ``file://`` URI; for an absolute one, a file of the same name
+beside the card is used when there is one (a copied or moved export directory reads its own
+files; the reference follows the URI); fields lcm_jax cannot represent, e.g. ``use_swiglu: false``, are
 errors; ``lcm_jax.model_config``, when present, supplies the fields the reference lacks), loads
 the checkpoint (any float dtype, converted to float32), checks its keys and shapes against the
 spec (a missing or extra key is an error naming it and the file), and writes
@@ -93,6 +113,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -101,6 +122,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lcm_jax.errors import UserError
 from lcm_jax.models import naming
 from lcm_jax.models.config import FAMILIES, ModelConfig
 
@@ -117,7 +139,7 @@ REFERENCE_TIMESTEP_FEATURES = 256
 NORMALIZER_SUFFIXES = ("sonar_normalizer.center", "sonar_normalizer.scale")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A user error of export/import: bad flags, files, cards, keys or values."""
 
 
@@ -506,9 +528,27 @@ def _checkpoint_path(card: Mapping[str, Any], card_path: str, field: str = "chec
   elif "://" in value:
     raise ExportError(f"{card_path}: field '{field}': only local paths and file:// URIs are "
                       f"supported, got {value!r}")
+  card_dir = os.path.dirname(os.path.abspath(card_path))
   if not os.path.isabs(value):
-    value = os.path.join(os.path.dirname(os.path.abspath(card_path)), value)
+    return os.path.join(card_dir, value)
+  beside = os.path.join(card_dir, os.path.basename(value))
+  if os.path.isfile(beside):
+    return beside  # an export directory travels whole: a copied or moved one reads its own files
   return value
+
+
+def checkpoint_uri(path: str) -> str:
+  """The absolute ``file://`` URI of ``path`` (percent-encoded), as a card's ``checkpoint``."""
+  return pathlib.Path(os.path.abspath(path)).as_uri()
+
+
+def check_card_name(name: str, flag: str = "--name") -> str:
+  """A fairseq2 asset name: non-empty, no ``@`` (the environment separator), no whitespace at
+  either end; returns it."""
+  if not name or name != name.strip() or "@" in name:
+    raise ExportError(f"{flag}: {name!r} is not a valid fairseq2 asset name (non-empty, no '@', "
+                      "no leading/trailing spaces); pass --name")
+  return name
 
 
 def read_card(path: str) -> dict[str, Any]:
@@ -605,21 +645,28 @@ def _temp_dir_beside(path: str) -> str:
 
 def export_weights(params: Any, buffers: Any, cfg: ModelConfig, out_dir: str, *,
                    name: Optional[str] = None, dtype: str = "float32",
-                   step: Optional[int] = None, overwrite: bool = False) -> dict[str, Any]:
+                   step: Optional[int] = None, overwrite: bool = False,
+                   relative_checkpoint: bool = False) -> dict[str, Any]:
   """Writes ``out_dir`` (see the module docstring) from Flax ``params``/``buffers`` (scanned or
-  not) of a ``cfg`` model. Returns a summary dict (``card``, ``notes``, ``num_tensors``, ...)."""
+  not) of a ``cfg`` model. Returns a summary dict (``card``, ``notes``, ``num_tensors``, ...).
+
+  The cards' ``checkpoint`` fields are absolute ``file://`` URIs of the final ``out_dir`` (what
+  the reference needs for a card given by path), or, with ``relative_checkpoint``, the bare
+  file names (a movable directory, loadable by the reference only through its asset store)."""
   torch, yaml = _torch(), _yaml()
   out_dir = os.path.abspath(out_dir)
   _prepare_target(out_dir, overwrite, "--out")
-  name = name or os.path.basename(out_dir)
+  name = check_card_name(name or os.path.basename(out_dir))
   normalizer_name = f"{name}_sonar_normalizer"
+  where = (lambda f: f) if relative_checkpoint else (
+      lambda f: checkpoint_uri(os.path.join(out_dir, f)))
   state = to_torch_state_dict(params, buffers, cfg, dtype)
   notes = compatibility_notes(cfg)
   card = {
       "name": name,
       "model_family": cfg.family,
       "model_arch": TOY_ARCHS[cfg.family],
-      "checkpoint": MODEL_FILE,
+      "checkpoint": where(MODEL_FILE),
       "model_config": reference_model_config(cfg, normalizer_name),
       "lcm_jax": {"format_version": FORMAT_VERSION, "dtype": dtype, "step": step,
                   "model_config": dataclasses.asdict(cfg), "reference_compatible": not notes,
@@ -627,7 +674,7 @@ def export_weights(params: Any, buffers: Any, cfg: ModelConfig, out_dir: str, *,
   }
   normalizer_card = {"name": normalizer_name, "model_family": "sonar_normalizer",
                      "model_arch": "base", "model_config": {"dim": cfg.sonar_embed_dim},
-                     "checkpoint": NORMALIZER_FILE}
+                     "checkpoint": where(NORMALIZER_FILE)}
   prefix = "frontend." if cfg.family == "base_lcm" else ""
   normalizer_state = {k: state[f"{prefix}sonar_normalizer.{k}"].clone()
                       for k in ("center", "scale")}
@@ -644,7 +691,8 @@ def export_weights(params: Any, buffers: Any, cfg: ModelConfig, out_dir: str, *,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return {"out": out_dir, "card": os.path.join(out_dir, CARD_FILE), "family": cfg.family,
-          "num_tensors": len(state), "dtype": dtype, "notes": notes, "step": step}
+          "num_tensors": len(state), "dtype": dtype, "notes": notes, "step": step,
+          "name": name, "normalizer_name": normalizer_name}
 
 
 def load_config_file(spec: str) -> Any:
@@ -667,13 +715,15 @@ def load_config_file(spec: str) -> Any:
 
 def export_checkpoint(workdir: str, out_dir: str, *, step: Optional[int] = None,
                       dtype: str = "float32", name: Optional[str] = None,
-                      config: Any = None, overwrite: bool = False) -> dict[str, Any]:
+                      config: Any = None, overwrite: bool = False,
+                      relative_checkpoint: bool = False) -> dict[str, Any]:
   """Restores ``params``/``buffers`` of ``workdir``'s checkpoint ``step`` (latest if None) on one
   CPU device and writes ``out_dir`` with :func:`export_weights`."""
   import jax  # pylint: disable=g-import-not-at-top
   from lcm_jax import generate  # pylint: disable=g-import-not-at-top
   torch_dtype(dtype)  # bad --dtype before any work
   _prepare_target(os.path.abspath(out_dir), overwrite, "--out")
+  check_card_name(name or os.path.basename(os.path.abspath(out_dir)))
   step = generate.checkpoint_step(workdir, step)
   if config is None:
     config = generate.load_checkpoint_config(workdir, step)
@@ -685,7 +735,8 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: Optional[int] = None,
                                              devices=[jax.devices("cpu")[0]])
   variables = jax.device_get(variables)
   summary = export_weights(variables["params"], variables["buffers"], cfg, out_dir, name=name,
-                           dtype=dtype, step=step, overwrite=overwrite)
+                           dtype=dtype, step=step, overwrite=overwrite,
+                           relative_checkpoint=relative_checkpoint)
   return dict(summary, workdir=workdir)
 
 
@@ -800,6 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpoint's meta).")
   p.add_argument("--overwrite", action="store_true",
                  help="export: replace a non-empty --out directory.")
+  p.add_argument("--relative_checkpoint", action="store_true",
+                 help="export: write the cards' checkpoint fields as file names relative to "
+                 "the card (a movable directory; the reference then loads it only by card name "
+                 "through its asset store) instead of absolute file:// URIs (the default: also "
+                 "loadable by card path).")
   p.add_argument("--from_torch", default=None, metavar="CARD",
                  help="import: a model_card.yaml (lcm_jax export or reference card).")
   return p
@@ -808,9 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> str:
   """Everything the CLI does after parsing; returns the summary line. Raises user errors."""
   if args.from_torch:
-    if args.out or args.config or args.name or args.overwrite or args.dtype != "float32":
-      raise ExportError("--from_torch: --out, --dtype, --name, --config and --overwrite are "
-                        "export flags")
+    if (args.out or args.config or args.name or args.overwrite or args.dtype != "float32"
+        or args.relative_checkpoint):
+      raise ExportError("--from_torch: --out, --dtype, --name, --config, --overwrite and "
+                        "--relative_checkpoint are export flags")
     if not args.workdir:
       raise ExportError("--workdir is required (the workdir to create)")
     s = import_checkpoint(args.from_torch, args.workdir,
@@ -823,11 +880,13 @@ def run_cli(args: argparse.Namespace) -> str:
       raise ExportError(f"--{flag} is required")
   config = load_config_file(args.config) if args.config else None
   s = export_checkpoint(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                        name=args.name, config=config, overwrite=args.overwrite)
+                        name=args.name, config=config, overwrite=args.overwrite,
+                        relative_checkpoint=args.relative_checkpoint)
   for note in s["notes"]:
     print(f"warning: not loadable by the reference: {note}", file=sys.stderr)
   return (f"exported {s['family']} step {s['step']} of {s['workdir']} ({s['num_tensors']} "
-          f"tensors, {s['dtype']}) -> {s['out']}")
+          f"tensors, {s['dtype']}) -> {s['out']} (reference: FAIRSEQ2_USER_ASSET_DIR={s['out']}, "
+          f"card {s['name']!r})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

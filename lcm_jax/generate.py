@@ -1,11 +1,13 @@
 r"""Concept generation with a KV cache (LCM_SPEC section 6): Base-LCM and Two-Tower, plus the CLI.
 
   python -m lcm_jax.generate --workdir=W --prompts=prompts.npz --out=generated.npz \
-      [--step=S] [--config=FILE[:VARIANT]] [--max_len=64 --min_len=1] \
+      [--step=S] [--config=FILE[:VARIANT]] [--max_len=64 --min_gen_len=1] \
       [--eot_vector=data/synthetic/process.npz --eot_threshold=0.9] [--repetition_threshold=0.9] \
-      [--temperature=0]                                    # Base-LCM latent noise
+      [--[no]sample_latent_variable --temperature=1.0]    # Base-LCM latent noise (default off)
       [--num_steps=40 --guidance_scale=3 --guidance_rescale=0.7 --initial_noise_scale=0.6 \
-       --epsilon_scaling=1.00045 --eta=0 --timestep_spacing=trailing_reference]   # Two-Tower
+       --epsilon_scaling=1.00045 --eta=0 --timestep_spacing=trailing_reference \
+       --clip_noise=100 --[no]clip_sample --clip_sample_range=1 --[no]thresholding \
+       --dynamic_thresholding_ratio=0.995 --sample_max_value=6]                    # Two-Tower
       [--seed=0 --batch_size=8]
 
 How a batch is generated (:class:`Generator`):
@@ -14,8 +16,10 @@ How a batch is generated (:class:`Generator`):
      row ``b``'s concept ``j`` sits at slot ``j`` = its document position ``j``).
   2. Concept ``k`` (k = 0, 1, ...) of row ``b`` is predicted at document position ``n_b + k``:
        * Base-LCM: the post-net output at position ``n_b + k - 1`` (normalized space), plus
-         ``temperature * N(0, I)`` if ``temperature > 0`` (``sample_latent_variable``; off by
-         default), denormalized;
+         ``temperature * N(0, I)`` if ``sample_latent_variable`` (off by default; the reference
+         generator's default is on with temperature 1.0, its evaluation recipes turn it off),
+         denormalized. On the CLI, ``--temperature=T > 0`` without ``--[no]sample_latent_variable``
+         turns sampling on (as that flag alone does in the reference);
        * Two-Tower: the DDIM sampler (:func:`lcm_jax.diffusion.sample`) over ONE query per row whose
          cross-attention sees a per-row K/V buffer (denoiser_layers, B, slots + 1, H, D): the zero
          slot at index 0 and the contextualizer output of position ``j`` at index ``j + 1``. The
@@ -37,7 +41,9 @@ change while the other rows continue). For the k-th generated concept (1-based c
   * ``repetition``: ``cosine(concept, previous concept) >= repetition_threshold`` (raw space;
     the previous concept is the last prompt concept for k = 1); off unless a threshold is given
     (the paper uses 0.9). The repeated concept is kept too;
-  * neither can fire before ``k >= min_len``; EOT wins over repetition when both fire;
+  * neither can fire unless ``k - 1 >= min_gen_len`` (>= 1, default 1): the first generated
+    concept never stops a row, whatever it is (the reference's ``min_gen_len`` rule); EOT wins
+    over repetition when both fire;
   * ``max_len``: the row stops after ``max_len`` generated concepts.
 
 Prompt file formats (``--prompts``), all in raw SONAR space:
@@ -54,8 +60,9 @@ row's length, ``lengths`` (B,) int32 generated concepts, ``stop_reasons`` (B,) s
 ``eot | repetition | max_len``, ``prompt_lengths`` (B,) int32, ``step`` () int64 (checkpoint).
 
 User errors (bad flags, a prompt of the wrong dimension or with zero concepts, a workdir without
-checkpoints, bad sampler settings) print one ``error: ...`` line naming the file/field or flag and
-exit with status 2; no output file is written.
+checkpoints, bad sampler settings, an ``--out`` that is a directory or not writable) print one
+``error: ...`` line naming the file/field or flag and exit with status 2; no output file is
+written. (``--out``'s missing parent directories are created.)
 """
 
 from __future__ import annotations
@@ -91,37 +98,65 @@ LOOPS = ("while", "python")
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-  """Stopping rules and Base-LCM sampling. Frozen (usable as a jit static argument)."""
+  """Stopping rules and Base-LCM sampling. Frozen (usable as a jit static argument).
+
+  Names and semantics follow the reference's ``LCMGeneratorOptions`` / ``LCMGenerator.__call__``
+  (``max_len`` is its ``max_gen_len``), see :func:`may_stop_early`.
+  """
 
   max_len: int = 64
-  """Most concepts generated per prompt."""
-  min_len: int = 1
-  """No EOT/repetition stop before this many generated concepts (0 and 1 are the same)."""
+  """Most concepts generated per prompt (the reference's ``max_gen_len``)."""
+  min_gen_len: int = 1
+  """An EOT/repetition stop needs ``min_gen_len`` (>= 1) generated concepts BEFORE the one that
+  triggers it: the k-th generated concept (1-based) may stop a row only if
+  ``k > min_gen_len``, so the first generated concept never stops one (the reference's rule and
+  default, 1)."""
   eot_threshold: float = 0.9
   """Stop when cosine(concept, end-of-text vector) >= this (needs an end-of-text vector)."""
   repetition_threshold: Optional[float] = None
   """Stop when cosine(concept, previous concept) >= this; None = off (the paper uses 0.9)."""
-  temperature: float = 0.0
-  """Base-LCM: add ``temperature * N(0, I)`` to each prediction in normalized space; 0 = off."""
+  sample_latent_variable: bool = False
+  """Base-LCM: add ``temperature * N(0, I)`` (normalized space) to each prediction. OFF by
+  default (deterministic, as the reference's evaluation recipes run it); the reference
+  generator's own default is on, with temperature 1.0."""
+  temperature: float = 1.0
+  """Base-LCM: the std of the latent noise when ``sample_latent_variable`` (the reference's
+  ``lcm_temperature``, default 1.0); 0 adds none."""
 
   def validate(self) -> None:
-    """Raises ``ValueError`` naming the field if a setting is out of range."""
-    for name in ("max_len", "min_len"):
+    """Raises :class:`~lcm_jax.errors.UserError` naming the field if a setting is out of range."""
+    for name, low in (("max_len", 1), ("min_gen_len", 1)):
       v = getattr(self, name)
-      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (name == "max_len"):
-        raise ValueError(f"GenerationConfig.{name}: expected an int >= {int(name == 'max_len')}, "
-                         f"got {v!r}")
-    if self.min_len > self.max_len:
-      raise ValueError(f"GenerationConfig.min_len: {self.min_len} > max_len {self.max_len}")
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+        raise errors.UserError(f"GenerationConfig.{name}: expected an int >= {low}, got {v!r}")
     if not -1.0 <= float(self.eot_threshold) <= 1.0:
-      raise ValueError(f"GenerationConfig.eot_threshold: expected a cosine in [-1, 1], got "
-                       f"{self.eot_threshold!r}")
+      raise errors.UserError(f"GenerationConfig.eot_threshold: expected a cosine in [-1, 1], got "
+                             f"{self.eot_threshold!r}")
     if self.repetition_threshold is not None and not -1.0 <= float(
         self.repetition_threshold) <= 1.0:
-      raise ValueError(f"GenerationConfig.repetition_threshold: expected a cosine in [-1, 1] "
-                       f"or None, got {self.repetition_threshold!r}")
+      raise errors.UserError(f"GenerationConfig.repetition_threshold: expected a cosine in "
+                             f"[-1, 1] or None, got {self.repetition_threshold!r}")
+    if not isinstance(self.sample_latent_variable, (bool, np.bool_)):
+      raise errors.UserError(f"GenerationConfig.sample_latent_variable: expected a bool, got "
+                             f"{self.sample_latent_variable!r}")
     if not float(self.temperature) >= 0.0:
-      raise ValueError(f"GenerationConfig.temperature: expected >= 0, got {self.temperature!r}")
+      raise errors.UserError(f"GenerationConfig.temperature: expected >= 0, got "
+                             f"{self.temperature!r}")
+
+  @property
+  def latent_noise_scale(self) -> float:
+    """The std of the Base-LCM latent noise actually added (0 = none)."""
+    return float(self.temperature) if self.sample_latent_variable else 0.0
+
+
+def may_stop_early(count: Any, config: GenerationConfig) -> Any:
+  """Whether the ``count``-th generated concept (1-based) may stop a row on EOT/repetition.
+
+  The reference (``LCMGenerator.finalize_step``) allows it when ``step_nr - prompt_len >=
+  min_gen_len``, where ``step_nr`` is the position of the concept being written (the first
+  generated one is at ``prompt_len``), i.e. ``count - 1 >= min_gen_len``.
+  """
+  return count - 1 >= config.min_gen_len
 
 
 @dataclasses.dataclass
@@ -150,19 +185,19 @@ def pad_prompts(prompts: Sequence[np.ndarray], dim: int,
   ``length`` (default: the longest prompt) must be >= every n_i.
   """
   if not prompts:
-    raise ValueError("pad_prompts: no prompts")
+    raise errors.UserError("pad_prompts: no prompts")
   lengths = []
   for i, p in enumerate(prompts):
     shape = np.shape(p)
     if len(shape) != 2 or shape[1] != dim:
-      raise ValueError(f"prompt {i}: shape {shape}, expected (n, {dim})")
+      raise errors.UserError(f"prompt {i}: shape {shape}, expected (n, {dim})")
     if shape[0] < 1:
-      raise ValueError(f"prompt {i}: empty prompt (0 concepts)")
+      raise errors.UserError(f"prompt {i}: empty prompt (0 concepts)")
     lengths.append(shape[0])
   longest = max(lengths)
   length = longest if length is None else length
   if length < longest:
-    raise ValueError(f"pad_prompts: length {length} < longest prompt {longest}")
+    raise errors.UserError(f"pad_prompts: length {length} < longest prompt {longest}")
   out = np.zeros((len(prompts), length, dim), np.float32)
   for i, p in enumerate(prompts):
     out[i, :lengths[i]] = np.asarray(p, np.float32)
@@ -276,7 +311,7 @@ class _BaseLCMDecoder:
 
   def __init__(self, model: Any, gen: GenerationConfig):
     self.model = model
-    self.temperature = float(gen.temperature)
+    self.temperature = gen.latent_noise_scale
 
   def _concept(self, variables: Variables, pred: Array, rng: Array) -> Array:
     if self.temperature > 0:
@@ -378,9 +413,9 @@ class Generator:
     else:
       eot = np.asarray(eot_vector, np.float32)
       if eot.shape != (dim,):
-        raise ValueError(f"eot_vector: shape {eot.shape}, expected ({dim},)")
+        raise errors.UserError(f"eot_vector: shape {eot.shape}, expected ({dim},)")
       if not np.all(np.isfinite(eot)) or not np.any(eot):
-        raise ValueError("eot_vector: must be finite and non-zero")
+        raise errors.UserError("eot_vector: must be finite and non-zero")
     self.eot = jnp.asarray(eot)
     self._start = jax.jit(self._start_impl)
     self._step = jax.jit(self._step_impl, donate_argnums=(1,))
@@ -393,7 +428,7 @@ class Generator:
     k = carry["k"]
     count = k + 1
     active = ~carry["done"]
-    may_stop = count >= gen.min_len
+    may_stop = may_stop_early(count, gen)
     eot_hit = jnp.zeros_like(active)
     if self.has_eot:
       eot_hit = cosine(concept, self.eot[None]) >= gen.eot_threshold
@@ -461,7 +496,7 @@ class Generator:
     host_lengths = np.asarray(jax.device_get(lengths))
     if (np.shape(prompts)[-1] != dim or host_lengths.shape != np.shape(prompts)[:1]
         or not np.all((host_lengths >= 1) & (host_lengths <= np.shape(prompts)[1]))):
-      raise ValueError(f"Generator: prompts {np.shape(prompts)} / lengths {host_lengths} do not "
+      raise errors.UserError(f"Generator: prompts {np.shape(prompts)} / lengths {host_lengths} do not "
                        f"describe (B, L, {dim}) prompts of 1..L concepts")
     prompts = jnp.asarray(prompts, jnp.float32)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -491,21 +526,21 @@ def generate(model: Any, variables: Variables, prompts: Sequence[np.ndarray],
 
 def _check_prompt(path: str, field: str, emb: np.ndarray, dim: int) -> np.ndarray:
   if emb.dtype == object or emb.ndim != 2 or emb.shape[-1] != dim:
-    raise ValueError(f"{path}: field '{field}': shape {emb.shape}, expected (n, {dim}) "
+    raise errors.UserError(f"{path}: field '{field}': shape {emb.shape}, expected (n, {dim}) "
                      f"(n concepts of the model's sonar_embed_dim {dim})")
   if emb.shape[0] == 0:
-    raise ValueError(f"{path}: field '{field}': empty prompt (0 concepts)")
+    raise errors.UserError(f"{path}: field '{field}': empty prompt (0 concepts)")
   if not np.issubdtype(emb.dtype, np.floating):
-    raise ValueError(f"{path}: field '{field}': dtype {emb.dtype} is not a float type")
+    raise errors.UserError(f"{path}: field '{field}': dtype {emb.dtype} is not a float type")
   if not np.all(np.isfinite(emb)):
-    raise ValueError(f"{path}: field '{field}': non-finite values")
+    raise errors.UserError(f"{path}: field '{field}': non-finite values")
   return emb.astype(np.float32)
 
 
 def load_prompts(path: str, dim: int) -> tuple[list[str], list[np.ndarray]]:
   """Reads prompts (see the module docstring for the formats). Returns (ids, [(n_i, dim)])."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--prompts: {path} does not exist")
+    raise errors.UserError(f"--prompts: {path} does not exist")
   if os.path.isdir(path) or path.endswith(schema.SHARD_SUFFIX):
     shards = schema.shard_paths(path) if os.path.isdir(path) else [path]
     ids, prompts = [], []
@@ -515,14 +550,14 @@ def load_prompts(path: str, dim: int) -> tuple[list[str], list[np.ndarray]]:
                                      np.asarray(doc.embeddings), dim))
         ids.append(doc.id)
     if not prompts:
-      raise ValueError(f"{path}: no documents")
+      raise errors.UserError(f"{path}: no documents")
     return ids, prompts
   try:
     data = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
+    raise errors.UserError(f"{path}: cannot read as .npz ({type(e).__name__}: {e})") from None
   if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path}: expected an .npz archive")
+    raise errors.UserError(f"{path}: expected an .npz archive")
   with data:
     keys = list(data.keys())
     prompt_keys = [k for k in keys if k.startswith("prompt_")]
@@ -530,26 +565,26 @@ def load_prompts(path: str, dim: int) -> tuple[list[str], list[np.ndarray]]:
       return ([k[len("prompt_"):] for k in prompt_keys],
               [_check_prompt(path, k, _load_field(data, path, k), dim) for k in prompt_keys])
     if "embeddings" not in keys or "lengths" not in keys:
-      raise ValueError(f"{path}: no prompts: expected 'prompt_<id>' arrays, or 'embeddings' "
+      raise errors.UserError(f"{path}: no prompts: expected 'prompt_<id>' arrays, or 'embeddings' "
                        f"(B, L, S) with 'lengths' (B,); found fields {keys}")
     emb = _load_field(data, path, "embeddings")
     lengths = _load_field(data, path, "lengths")
     if emb.ndim != 3 or emb.shape[-1] != dim:
-      raise ValueError(f"{path}: field 'embeddings': shape {emb.shape}, expected (B, L, {dim}) "
+      raise errors.UserError(f"{path}: field 'embeddings': shape {emb.shape}, expected (B, L, {dim}) "
                        f"(the model's sonar_embed_dim {dim})")
     if lengths.shape != emb.shape[:1] or not np.issubdtype(lengths.dtype, np.integer):
-      raise ValueError(f"{path}: field 'lengths': shape {lengths.shape} dtype {lengths.dtype}, "
+      raise errors.UserError(f"{path}: field 'lengths': shape {lengths.shape} dtype {lengths.dtype}, "
                        f"expected ({emb.shape[0]},) integers")
     if emb.shape[0] == 0:
-      raise ValueError(f"{path}: field 'embeddings': no prompts")
+      raise errors.UserError(f"{path}: field 'embeddings': no prompts")
     ids = ([str(x) for x in _load_field(data, path, "ids")] if "ids" in keys
            else [str(i) for i in range(emb.shape[0])])
     if len(ids) != emb.shape[0]:
-      raise ValueError(f"{path}: field 'ids': {len(ids)} ids for {emb.shape[0]} prompts")
+      raise errors.UserError(f"{path}: field 'ids': {len(ids)} ids for {emb.shape[0]} prompts")
     prompts = []
     for i, n in enumerate(lengths):
       if not 0 <= n <= emb.shape[1]:
-        raise ValueError(f"{path}: field 'lengths[{i}]': {n} not in [0, {emb.shape[1]}]")
+        raise errors.UserError(f"{path}: field 'lengths[{i}]': {n} not in [0, {emb.shape[1]}]")
       prompts.append(_check_prompt(path, f"embeddings[{i}][:{n}]", emb[i, :n], dim))
     return ids, prompts
 
@@ -558,31 +593,31 @@ def _load_field(data: Any, path: str, key: str) -> np.ndarray:
   try:
     return np.asarray(data[key])
   except ValueError as e:  # object arrays need pickle, which we never enable
-    raise ValueError(f"{path}: field '{key}': cannot load without pickle ({e})") from None
+    raise errors.UserError(f"{path}: field '{key}': cannot load without pickle ({e})") from None
 
 
 def load_eot_vector(path: str, dim: int) -> np.ndarray:
   """An end-of-text vector (dim,): a ``.npy`` array, or an ``.npz`` with ``eot`` (e.g. a synthetic
   corpus's ``process.npz``) or ``eot_vector``."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--eot_vector: {path} does not exist")
+    raise errors.UserError(f"--eot_vector: {path} does not exist")
   try:
     data = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path}: cannot read as .npy/.npz ({type(e).__name__}: {e})") from None
+    raise errors.UserError(f"{path}: cannot read as .npy/.npz ({type(e).__name__}: {e})") from None
   field = "<array>"
   if isinstance(data, np.lib.npyio.NpzFile):
     with data:
       field = next((k for k in ("eot", "eot_vector") if k in data), None)
       if field is None:
-        raise ValueError(f"{path}: no field 'eot' or 'eot_vector' (found {list(data.keys())})")
+        raise errors.UserError(f"{path}: no field 'eot' or 'eot_vector' (found {list(data.keys())})")
       data = np.asarray(data[field])
   vec = np.asarray(data)
   if vec.shape != (dim,):
-    raise ValueError(f"{path}: field '{field}': shape {vec.shape}, expected ({dim},) (the "
+    raise errors.UserError(f"{path}: field '{field}': shape {vec.shape}, expected ({dim},) (the "
                      f"model's sonar_embed_dim)")
   if not np.all(np.isfinite(vec)) or not np.any(vec):
-    raise ValueError(f"{path}: field '{field}': must be finite and non-zero")
+    raise errors.UserError(f"{path}: field '{field}': must be finite and non-zero")
   return vec.astype(np.float32)
 
 
@@ -677,7 +712,8 @@ def restore_weights(config: Any, workdir: str, step: int,
 # CLI
 
 def define_sampler_flags() -> None:
-  """The Two-Tower DDIM flags (defaults: the paper's, :class:`lcm_jax.diffusion.SamplerConfig`)."""
+  """The Two-Tower DDIM flags (defaults: the paper's, :class:`lcm_jax.diffusion.SamplerConfig`;
+  the clipping/thresholding flags carry the reference's names and defaults)."""
   from absl import flags as f  # pylint: disable=g-import-not-at-top
   d = diffusion.SamplerConfig()
   f.DEFINE_integer("num_steps", d.num_steps, "Two-Tower: DDIM inference steps.")
@@ -688,21 +724,48 @@ def define_sampler_flags() -> None:
   f.DEFINE_float("eta", d.eta, "Two-Tower: DDIM eta (0 = deterministic).")
   f.DEFINE_enum("timestep_spacing", d.timestep_spacing, list(diffusion.TIMESTEP_SPACINGS),
                 "Two-Tower: DDIM timestep spacing (trailing_reference = the reference's list).")
+  f.DEFINE_float("clip_noise", d.clip_noise, "Two-Tower: the latent (initial noise and x after "
+                 "every DDIM step) is clipped to +-clip_noise (the reference's default 100).")
+  f.DEFINE_boolean("clip_sample", d.clip_sample, "Two-Tower: static thresholding: clip each "
+                   "step's x0 to +-clip_sample_range (diffusers' DDIM clip_sample).")
+  f.DEFINE_float("clip_sample_range", d.clip_sample_range, "Two-Tower: the clip_sample bound.")
+  f.DEFINE_boolean("thresholding", d.thresholding, "Two-Tower: dynamic thresholding of each "
+                   "step's x0 (diffusers' DDIM): s = clip(quantile(|x0|, "
+                   "dynamic_thresholding_ratio), 1, sample_max_value), x0 = clip(x0, -s, s) / s.")
+  f.DEFINE_float("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio,
+                 "Two-Tower: the quantile of --thresholding.")
+  f.DEFINE_float("sample_max_value", d.sample_max_value,
+                 "Two-Tower: the largest s of --thresholding (>= 1).")
+
+
+SAMPLER_FLAGS = ("num_steps", "guidance_scale", "guidance_rescale", "initial_noise_scale",
+                 "epsilon_scaling", "eta", "timestep_spacing", "clip_noise", "clip_sample",
+                 "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+                 "sample_max_value")
+"""The :func:`define_sampler_flags` names: each is the :class:`~lcm_jax.diffusion.SamplerConfig`
+field of the same name."""
 
 
 def sampler_from_flags(fv: Any, num_train_steps: Optional[int]) -> diffusion.SamplerConfig:
   """The :func:`define_sampler_flags` values as a SamplerConfig, validated against the model's
-  ``num_train_steps`` (None: not validated, e.g. a Base-LCM) -> ``ValueError`` naming the flag."""
-  sampler = diffusion.SamplerConfig(
-      num_steps=fv.num_steps, guidance_scale=fv.guidance_scale,
-      guidance_rescale=fv.guidance_rescale, initial_noise_scale=fv.initial_noise_scale,
-      epsilon_scaling=fv.epsilon_scaling, eta=fv.eta, timestep_spacing=fv.timestep_spacing)
+  ``num_train_steps`` (None: not validated, e.g. a Base-LCM) -> ``UserError`` naming the flag."""
+  sampler = diffusion.SamplerConfig(**{name: getattr(fv, name) for name in SAMPLER_FLAGS})
   if num_train_steps is not None:
     try:
       sampler.validate(num_train_steps)
     except ValueError as e:
-      raise ValueError(f"bad sampler flag: {e}") from None
+      raise errors.UserError(f"bad sampler flag: {e}") from None
   return sampler
+
+
+def latent_sampling_from_flags(sample_flag: Optional[bool], temperature: float,
+                               temperature_given: bool) -> bool:
+  """``sample_latent_variable`` of a tool's flags: the flag when given; otherwise on exactly when
+  a temperature > 0 was given explicitly (as ``--temperature=T`` alone samples in the reference,
+  whose default is on), off when neither is given (our default)."""
+  if sample_flag is not None:
+    return bool(sample_flag)
+  return bool(temperature_given and temperature > 0)
 
 
 def _define_flags() -> Any:
@@ -725,7 +788,10 @@ def _define_flags() -> Any:
       "checkpoint's meta.", lock_config=False)
   f.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   f.DEFINE_integer("max_len", g.max_len, "Most concepts generated per prompt.")
-  f.DEFINE_integer("min_len", g.min_len, "No EOT/repetition stop before this many concepts.")
+  f.DEFINE_integer("min_gen_len", g.min_gen_len,
+                   "The reference's min_gen_len (>= 1): an EOT/repetition stop needs this many "
+                   "generated concepts before the one that triggers it (the first generated "
+                   "concept never stops a row).")
   f.DEFINE_float("eot_threshold", g.eot_threshold,
                  "Stop when cosine(concept, end-of-text vector) >= this; the triggering "
                  "concept is kept as the last output. Needs --eot_vector.")
@@ -734,8 +800,12 @@ def _define_flags() -> Any:
                   "(e.g. a synthetic corpus's process.npz) or 'eot_vector'. Absent: no EOT stop.")
   f.DEFINE_float("repetition_threshold", None,
                  "Stop when cosine(concept, previous concept) >= this (paper: 0.9); off if unset.")
+  f.DEFINE_boolean("sample_latent_variable", g.sample_latent_variable,
+                   "Base-LCM: add temperature * N(0, I) in normalized space to each prediction "
+                   "(the reference generator's default is on; ours off). Unset: on exactly when "
+                   "--temperature > 0 is given.")
   f.DEFINE_float("temperature", g.temperature,
-                 "Base-LCM: add temperature * N(0, I) in normalized space to each prediction.")
+                 "Base-LCM: the latent noise std when sampling (the reference's lcm_temperature).")
   define_sampler_flags()
   f.DEFINE_integer("seed", 0, "PRNG seed (Two-Tower noise, Base-LCM latent noise).")
   f.DEFINE_integer("batch_size", 8, "Prompts per generation batch (padded to a multiple of the "
@@ -749,17 +819,25 @@ def run_cli(flag_values: Any) -> dict[str, Any]:
   """Everything the CLI does after flag parsing; returns a summary. Raises user errors."""
   from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
   fv = flag_values
+  from lcm_jax.fileio import check_output_file  # pylint: disable=g-import-not-at-top
   for name in ("workdir", "prompts", "out"):
     if not fv[name].value:
-      raise ValueError(f"--{name} is required")
-  gen = GenerationConfig(max_len=fv.max_len, min_len=fv.min_len, eot_threshold=fv.eot_threshold,
-                         repetition_threshold=fv.repetition_threshold, temperature=fv.temperature)
+      raise errors.UserError(f"--{name} is required")
+  os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)  # as before: created
+  check_output_file(fv.out, "--out")
+  sample = latent_sampling_from_flags(
+      fv.sample_latent_variable if fv["sample_latent_variable"].present else None,
+      fv.temperature, fv["temperature"].present)
+  gen = GenerationConfig(max_len=fv.max_len, min_gen_len=fv.min_gen_len,
+                         eot_threshold=fv.eot_threshold,
+                         repetition_threshold=fv.repetition_threshold,
+                         sample_latent_variable=sample, temperature=fv.temperature)
   try:
     gen.validate()
   except ValueError as e:
-    raise ValueError(f"bad generation flag: {e}") from None
+    raise errors.UserError(f"bad generation flag: {e}") from None
   if fv.batch_size < 1:
-    raise ValueError(f"--batch_size: expected >= 1, got {fv.batch_size}")
+    raise errors.UserError(f"--batch_size: expected >= 1, got {fv.batch_size}")
   step = checkpoint_step(fv.workdir, fv.step)
   config = fv.config if fv.config is not None else load_checkpoint_config(fv.workdir, step)
   model_cfg = ModelConfig.from_config(config.model)

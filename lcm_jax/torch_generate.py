@@ -10,11 +10,14 @@ float64 schedule/timestep/coefficient computations), and the same algorithm step
     cache plus a per-row cross-attention K/V buffer with the zero slot at index 0);
   * Two-Tower: :func:`sample` over one query per row, conditional half seeing the zero slot and
     the context of positions ``< n_b + k``, unconditional half the zero slot only (one 2B batch);
-  * Base-LCM: the post-net prediction plus ``temperature * noise`` when ``temperature > 0``;
+  * Base-LCM: the post-net prediction plus ``temperature * noise`` when
+    ``sample_latent_variable`` (and ``temperature > 0``);
+  * Two-Tower: the latent clipped to ``+-clip_noise`` after every DDIM step, optional
+    static/dynamic thresholding of x0 (:func:`threshold_x0`);
   * stopping (per row, frozen once stopped): ``eot`` (cosine to the end-of-text vector >=
     ``eot_threshold``), ``repetition`` (cosine to the previous concept >=
-    ``repetition_threshold``), neither before ``min_len``, EOT first; ``max_len``. Triggering
-    concepts are kept.
+    ``repetition_threshold``), neither for the first ``min_gen_len`` generated concepts (never
+    the first one; the reference's rule), EOT first; ``max_len``. Triggering concepts are kept.
 
 Noise is injectable, so that both implementations can be fed the same draws: ``noise(k, step,
 shape)`` returns a float32 STANDARD normal tensor for generated concept ``k`` (0-based); ``step``
@@ -37,8 +40,9 @@ import torch
 from torch import Tensor
 
 from lcm_jax import diffusion
+from lcm_jax.errors import UserError
 from lcm_jax.generate import (EOT, MAX_LEN, REPETITION, RUNNING, GenerationConfig,
-                              GenerationResult, pad_prompts)
+                              GenerationResult, may_stop_early, pad_prompts)
 from lcm_jax.torch_models import Model, update_cache
 
 NoiseFn = Callable[[int, Optional[int], tuple[int, ...]], Tensor]
@@ -86,6 +90,18 @@ def _eps_from_x0(x: Tensor, x0: Tensor, sqrt_ab: Tensor, sqrt_one_minus_ab: Tens
   return (x - sqrt_ab * x0) / denom
 
 
+def threshold_x0(x0: Tensor, cfg: diffusion.SamplerConfig) -> Tensor:
+  """:func:`lcm_jax.diffusion.threshold_x0` in torch: dynamic thresholding (per vector, last axis,
+  ``torch.quantile``), else static ``clip_sample``, else x0 unchanged."""
+  if cfg.thresholding:
+    s = torch.quantile(x0.abs(), float(cfg.dynamic_thresholding_ratio), dim=-1, keepdim=True)
+    s = torch.clamp(s, min=1.0, max=float(cfg.sample_max_value))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+  if cfg.clip_sample:
+    return torch.clamp(x0, -cfg.clip_sample_range, cfg.clip_sample_range)
+  return x0
+
+
 def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], alpha_bar: np.ndarray,
            cfg: diffusion.SamplerConfig, *, initial_noise: Optional[Tensor] = None,
            step_noise: Optional[Callable[[int], Tensor]] = None,
@@ -104,8 +120,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], alpha_bar: np.ndarray,
 
   Per visited t: x0_c (x0_u); eps_c = (x - sqrt(ab) x0_c)/sqrt(1 - ab); guided: eps =
   :func:`guided_eps`, x0 = (x - sqrt(1 - ab) eps)/sqrt(ab); at ab == 0: x0 = x0_c, eps = x;
-  eps /= epsilon_scaling; x = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
-  Returns the last x0.
+  eps /= epsilon_scaling; x0 = :func:`threshold_x0` (x0); x = sqrt(ab_prev) x0 +
+  sqrt(1 - ab_prev - sigma^2) eps + sigma z, clipped to +-clip_noise. Returns the last x0.
   """
   alpha_bar = np.asarray(alpha_bar, np.float64)
   cfg.validate(alpha_bar.shape[0])
@@ -142,10 +158,12 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], alpha_bar: np.ndarray,
       x0, eps = x0_c, x
     if cfg.epsilon_scaling != 1.0:
       eps = eps / eps_scale
+    x0 = threshold_x0(x0, cfg)
     x = s["sqrt_ab_prev"] * x0 + s["dir_coef"] * eps
     if cfg.eta > 0.0:
       z = step_noise(i) if step_noise is not None else torch.randn(shape, device=device)
       x = x + s["sigma"] * z.to(device=device, dtype=torch.float32)
+    x = torch.clamp(x, -cfg.clip_noise, cfg.clip_noise)
   return x0
 
 
@@ -155,7 +173,8 @@ def sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], alpha_bar: np.ndarray,
 class _BaseLCMDecoder:
 
   def __init__(self, model: Model, gen: GenerationConfig):
-    self.model, self.temperature = model, float(gen.temperature)
+    self.model = model
+    self.temperature = float(gen.temperature) if gen.sample_latent_variable else 0.0
 
   def _concept(self, pred: Tensor, k: int, noise: NoiseFn) -> Tensor:
     if self.temperature > 0:
@@ -247,7 +266,7 @@ class Generator:
 
   Args:
     model: a :class:`~lcm_jax.torch_models.BaseLCM` or :class:`~lcm_jax.torch_models.TwoTowerLCM`.
-    config: stopping rules (and Base-LCM temperature), validated here.
+    config: stopping rules (and Base-LCM latent sampling), validated here.
     sampler: Two-Tower DDIM settings (default :class:`~lcm_jax.diffusion.SamplerConfig`),
       validated against ``num_diffusion_train_steps``; ignored for Base-LCM.
     eot_vector: optional (S,) raw-space end-of-text vector; None turns the EOT stop off.
@@ -271,9 +290,9 @@ class Generator:
     if eot_vector is not None:
       eot = np.asarray(eot_vector, np.float32)
       if eot.shape != (cfg.sonar_embed_dim,):
-        raise ValueError(f"eot_vector: shape {eot.shape}, expected ({cfg.sonar_embed_dim},)")
+        raise UserError(f"eot_vector: shape {eot.shape}, expected ({cfg.sonar_embed_dim},)")
       if not np.all(np.isfinite(eot)) or not np.any(eot):
-        raise ValueError("eot_vector: must be finite and non-zero")
+        raise UserError("eot_vector: must be finite and non-zero")
       self.eot = torch.from_numpy(eot)
 
   def _emit(self, carry: dict[str, Any], concept: Tensor) -> None:
@@ -281,7 +300,7 @@ class Generator:
     gen, k = self.config, carry["k"]
     count = k + 1
     active = ~carry["done"]
-    may_stop = count >= gen.min_len
+    may_stop = may_stop_early(count, gen)
     eot_hit = torch.zeros_like(active)
     if self.eot is not None:
       eot_hit = cosine(concept, self.eot.to(concept.device)[None]) >= gen.eot_threshold
@@ -321,7 +340,7 @@ class Generator:
     lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long, device=device)
     if (prompts.ndim != 3 or prompts.shape[-1] != dim or lengths.shape != prompts.shape[:1]
         or not bool(((lengths >= 1) & (lengths <= prompts.shape[1])).all())):
-      raise ValueError(f"Generator: prompts {tuple(prompts.shape)} / lengths "
+      raise UserError(f"Generator: prompts {tuple(prompts.shape)} / lengths "
                        f"{lengths.tolist()} do not describe (B, L, {dim}) prompts of 1..L "
                        "concepts")
     noise = noise or torch_noise(seed, device)

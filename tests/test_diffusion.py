@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lcm_jax import diffusion
+from lcm_jax.errors import UserError
 from lcm_jax.models.config import ModelConfig
 
 T = 100
@@ -245,9 +246,12 @@ def test_sampler_config_validate():
            (dict(guidance_scale=-1.0), "guidance_scale"),
            (dict(initial_noise_scale=0.0), "initial_noise_scale"),
            (dict(epsilon_scaling=0.0), "epsilon_scaling"), (dict(eta=-0.1), "eta"),
-           (dict(clip_noise=0.0), "clip_noise")]
+           (dict(clip_noise=0.0), "clip_noise"),
+           (dict(clip_sample_range=0.0), "clip_sample_range"),
+           (dict(dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
+           (dict(sample_max_value=0.5), "sample_max_value")]
   for kw, field in cases:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=field):
       diffusion.SamplerConfig(**kw).validate(T)
   ab = diffusion.alpha_bar_schedule("squaredcos_cap_v2", T)
   with pytest.raises(ValueError, match="num_steps"):
@@ -296,8 +300,28 @@ def initial_noise(rng, scale):
   return np.clip(z * np.float32(scale), -100, 100)
 
 
-def np_ddim(x, ab, n, g, r, eps_scaling, denoise):
-  """The reference's DDIM: trailing integer spacing, prev = t - T // n, alpha 1 past the end."""
+def np_threshold(x0, thresholding=False, ratio=0.995, max_value=6.0, clip_sample=False,
+                 clip_range=1.0):
+  """diffusers' DDIM x0 clipping in float64, written from its definition: dynamic
+  thresholding per vector (``s`` = the ``ratio`` quantile of |x0|, linear interpolation between
+  order statistics, clamped to [1, max_value]; ``clip(x0, -s, s) / s``), else static clipping."""
+  x0 = np.asarray(x0, np.float64)
+  if thresholding:
+    flat = np.sort(np.abs(x0).reshape(-1, x0.shape[-1]), axis=-1)
+    pos = ratio * (flat.shape[-1] - 1)
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    s = flat[:, lo] + (pos - lo) * (flat[:, hi] - flat[:, lo])
+    s = np.minimum(np.maximum(s, 1.0), max_value).reshape(x0.shape[:-1] + (1,))
+    return np.minimum(np.maximum(x0, -s), s) / s
+  if clip_sample:
+    return np.minimum(np.maximum(x0, -clip_range), clip_range)
+  return x0
+
+
+def np_ddim(x, ab, n, g, r, eps_scaling, denoise, clip_noise=None, **threshold):
+  """The reference's DDIM: trailing integer spacing, prev = t - T // n, alpha 1 past the end;
+  x0 clipped/thresholded (``threshold``: :func:`np_threshold`'s options) after epsilon scaling,
+  epsilon NOT recomputed from it; x clipped to +-clip_noise after every step."""
   step = T // n
   x0 = None
   for t in range(T - 1, -1, -step):
@@ -319,7 +343,10 @@ def np_ddim(x, ab, n, g, r, eps_scaling, denoise):
         eps = r * eps * std_c / std_g + (1 - r) * eps
       x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
     eps = eps / eps_scaling
+    x0 = np_threshold(x0, **threshold)
     x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    if clip_noise is not None:
+      x = np.minimum(np.maximum(x, -clip_noise), clip_noise)
   return x0
 
 
@@ -402,3 +429,61 @@ def test_sample_under_jit_equals_eager(cosine_ab):
   rng = jax.random.key(8)
   np.testing.assert_allclose(np.asarray(jitted(rng, cfg)), np.asarray(run(rng, cfg)), rtol=1e-6,
                              atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipping after every step and x0 thresholding (the reference's clip_noise, diffusers' options)
+
+def test_threshold_x0_matches_numpy_definition():
+  rng = np.random.default_rng(0)
+  x0 = (rng.standard_normal((4, 1, 16)) * np.array([0.3, 1.5, 3.0, 20.0])[:, None, None])
+  x0 = x0.astype(np.float32)
+  for kw in (dict(thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=6.0),
+             dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0),
+             dict(clip_sample=True, clip_sample_range=0.7),
+             dict(thresholding=True, clip_sample=True)):  # thresholding wins
+    cfg = diffusion.SamplerConfig(**kw)
+    got = np.asarray(diffusion.threshold_x0(jnp.asarray(x0), cfg))
+    want = np_threshold(x0, thresholding=cfg.thresholding,
+                        ratio=cfg.dynamic_thresholding_ratio, max_value=cfg.sample_max_value,
+                        clip_sample=cfg.clip_sample, clip_range=cfg.clip_sample_range)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=str(kw))
+    if cfg.thresholding:  # row 0: s clamps to 1 (plain clipping to [-1, 1]); row 3: to the max
+      assert np.abs(got).max() <= 1.0 + 1e-6
+      np.testing.assert_allclose(got[3], np.clip(x0[3], -cfg.sample_max_value,
+                                                 cfg.sample_max_value) / cfg.sample_max_value,
+                                 rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(diffusion.threshold_x0(x0, diffusion.SamplerConfig())),
+                                x0)  # the defaults leave x0 alone
+
+
+@pytest.mark.parametrize("g,r,kw", [
+    (3.0, 0.7, dict(clip_noise=0.7)),
+    (1.0, 0.0, dict(clip_noise=0.7, clip_sample=True, clip_sample_range=1.2)),
+    (3.0, 0.7, dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)),
+    (1.0, 0.0, dict(clip_noise=1.5, thresholding=True, dynamic_thresholding_ratio=0.75,
+                    sample_max_value=1.8)),
+])
+def test_sample_clips_every_step_and_thresholds_like_numpy_ddim(cosine_ab, g, r, kw):
+  """Every DDIM step of the sampler against the float64 NumPy step with the same clipping and
+  thresholding; the settings are chosen so that they change the result."""
+  cfg = diffusion.SamplerConfig(num_steps=20, guidance_scale=g, guidance_rescale=r,
+                                epsilon_scaling=1.00045, **kw)
+  rng = jax.random.key(6)
+  got = np.asarray(diffusion.sample(make_jax_denoise([]), rng, SHAPE, cosine_ab, cfg))
+  x = np.clip(initial_noise(rng, cfg.initial_noise_scale), -cfg.clip_noise, cfg.clip_noise)
+  opts = dict(thresholding=cfg.thresholding, ratio=cfg.dynamic_thresholding_ratio,
+              max_value=cfg.sample_max_value, clip_sample=cfg.clip_sample,
+              clip_range=cfg.clip_sample_range)
+  expected = np_ddim(x, cosine_ab, 20, g, r, cfg.epsilon_scaling, np_denoise,
+                     clip_noise=cfg.clip_noise, **opts)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+  # Not vacuous: clipping only the initial noise (the old sampler) / no thresholding differ.
+  initial_only = np_ddim(x, cosine_ab, 20, g, r, cfg.epsilon_scaling, np_denoise, **opts)
+  unthresholded = np_ddim(x, cosine_ab, 20, g, r, cfg.epsilon_scaling, np_denoise,
+                          clip_noise=cfg.clip_noise)
+  if cfg.clip_noise < 100:
+    assert np.max(np.abs(initial_only - expected)) > 1e-2
+  if cfg.thresholding or cfg.clip_sample:
+    assert np.max(np.abs(unthresholded - expected)) > 1e-2

@@ -11,8 +11,10 @@ with the training Checkpointer and the config in ``meta``, as ``train_and_evalua
 
 import dataclasses
 import os
+import pathlib
 import shutil
 import sys
+import urllib.parse
 
 import jax
 import numpy as np
@@ -184,7 +186,7 @@ def _check_export_dir(d, c, state, dtype=torch.float32):
   card = yaml.safe_load(open(os.path.join(d, "model_card.yaml")))
   assert card["name"] == os.path.basename(d)
   assert card["model_family"] == cfg.family
-  assert card["checkpoint"] == "model.pt"
+  assert card["checkpoint"] == pathlib.Path(os.path.abspath(d), "model.pt").as_uri()
   mc = card["model_config"]
   assert (mc["model_dim"], mc["sonar_embed_dim"], mc["max_seq_len"]) == (
       cfg.model_dim, cfg.sonar_embed_dim, cfg.max_seq_len)
@@ -203,10 +205,129 @@ def _check_export_dir(d, c, state, dtype=torch.float32):
   assert norm_card["name"] == mc["sonar_normalizer_name"]
   assert norm_card["model_family"] == "sonar_normalizer"
   assert norm_card["model_config"] == {"dim": cfg.sonar_embed_dim}
-  norm = _load_pt(os.path.join(d, norm_card["checkpoint"]))["model"]
+  norm = _load_pt(_uri_path(norm_card["checkpoint"]))["model"]
   assert set(norm) == {"center", "scale"}
   for k in ("center", "scale"):
     torch.testing.assert_close(norm[k], sd[f"{norm_key}.{k}"], rtol=0, atol=0)
+
+
+def _uri_path(uri):
+  """The local path of an absolute ``file://`` URI (asserted to be one)."""
+  parsed = urllib.parse.urlparse(uri)
+  assert parsed.scheme == "file" and not parsed.netloc, uri
+  path = urllib.parse.unquote(parsed.path)
+  assert os.path.isabs(path), uri
+  return path
+
+
+def _yaml_documents(d):
+  """Every YAML document of every card file of ``d`` (as an asset store reads a directory)."""
+  docs = {}
+  for fname in sorted(os.listdir(d)):
+    if fname.endswith((".yaml", ".yml")):
+      with open(os.path.join(d, fname), encoding="utf-8") as f:
+        for doc in yaml.safe_load_all(f):
+          assert isinstance(doc, dict) and doc.get("name"), (fname, doc)
+          assert doc["name"] not in docs, f"two cards named {doc['name']}"
+          docs[doc["name"]] = doc
+  return docs
+
+
+def test_export_dir_is_a_reference_asset_directory(exported, tmp_path):
+  """What the reference needs to load DIR/model_card.yaml by path or by name: absolute
+  ``file://`` checkpoint URIs that resolve to the written files (a card given by path has no
+  base directory), and the normalizer card the model card names, in the same directory."""
+  for family, d in exported.items():
+    docs = _yaml_documents(d)
+    model = docs[os.path.basename(d)]
+    assert model["model_family"] == family
+    norm_name = model["model_config"]["sonar_normalizer_name"]
+    assert set(docs) == {os.path.basename(d), norm_name}
+    norm = docs[norm_name]
+    assert norm["model_family"] == "sonar_normalizer" and norm["model_arch"] == "base"
+    assert os.path.samefile(_uri_path(model["checkpoint"]), os.path.join(d, "model.pt"))
+    assert os.path.samefile(_uri_path(norm["checkpoint"]), os.path.join(d, "normalizer.pt"))
+  # A path with spaces and non-ASCII characters is percent-encoded and decodes back.
+  odd = str(tmp_path / "my model é")
+  v = _flax_variables_of(exported["base_lcm"])
+  export.export_weights(v["params"], v["buffers"], v["cfg"], odd)
+  card = yaml.safe_load(open(os.path.join(odd, "model_card.yaml")))
+  assert " " not in card["checkpoint"] and "é" not in card["checkpoint"]
+  assert os.path.samefile(_uri_path(card["checkpoint"]), os.path.join(odd, "model.pt"))
+
+
+def _flax_variables_of(d):
+  """The Flax variables and config of an export directory (through the import path)."""
+  _, cfg, state, _ = export.load_card(os.path.join(d, "model_card.yaml"))
+  v = export.flax_variables_from_torch(state, cfg)
+  return dict(v, cfg=cfg)
+
+
+def test_fairseq2_asset_store_resolves_the_export(exported, tmp_path):
+  """The installed fairseq2's own asset API (0.8.x; the reference pins 0.3.0rc1, whose card and
+  URI rules are the same for these fields): the directory loads as an asset source, both cards
+  are found by name, and their checkpoint URIs resolve to the files; the model card parsed ON
+  ITS OWN (no base path: what loading a card by path does) still resolves its checkpoint, which
+  an old relative ``checkpoint: model.pt`` card cannot."""
+  assets = pytest.importorskip("fairseq2.assets")
+  from fairseq2.file_system import NativeLocalFileSystem  # pylint: disable=g-import-not-at-top
+  from fairseq2.utils.yaml import RuamelYamlLoader  # pylint: disable=g-import-not-at-top
+  fs = NativeLocalFileSystem()
+  loader = assets.StandardFileAssetMetadataLoader(
+      fs, assets.YamlAssetMetadataFileLoader(RuamelYamlLoader(fs)))
+  d = exported["two_tower_diffusion_lcm"]
+  store = assets.StandardAssetStore([loader.load(pathlib.Path(d))])
+  name = os.path.basename(d)
+  card = store.retrieve_card(name)
+  assert card.field("model_family").as_(str) == "two_tower_diffusion_lcm"
+  assert os.path.samefile(str(card.field("checkpoint").as_uri().to_path()),
+                          os.path.join(d, "model.pt"))
+  norm_name = card.field("model_config").value["sonar_normalizer_name"]
+  norm = store.retrieve_card(norm_name)
+  assert os.path.samefile(str(norm.field("checkpoint").as_uri().to_path()),
+                          os.path.join(d, "normalizer.pt"))
+  # By path: the card's own YAML, no __base_path__.
+  data = yaml.safe_load(open(os.path.join(d, "model_card.yaml")))
+  alone = assets.AssetCard(data["name"], data)
+  assert os.path.samefile(str(alone.field("checkpoint").as_uri().to_path()),
+                          os.path.join(d, "model.pt"))
+  old = assets.AssetCard(data["name"], dict(data, checkpoint="model.pt"))
+  with pytest.raises(assets.AssetCardError, match="relative"):
+    old.field("checkpoint").as_uri()
+  # --relative_checkpoint: resolvable through the store (relative to the card's directory).
+  rel = str(tmp_path / "rel")
+  v = _flax_variables_of(d)
+  export.export_weights(v["params"], v["buffers"], v["cfg"], rel, relative_checkpoint=True)
+  store = assets.StandardAssetStore([loader.load(pathlib.Path(rel))])
+  assert os.path.samefile(str(store.retrieve_card("rel").field("checkpoint").as_uri().to_path()),
+                          os.path.join(rel, "model.pt"))
+
+
+def test_import_reads_old_new_and_moved_layouts(exported, tmp_path):
+  """Import back: a new card (absolute URI), an old one (relative ``checkpoint: model.pt``), and
+  a new export directory that was copied/moved (its URI names the old place: the file beside the
+  card is used)."""
+  d = exported["base_lcm"]
+  want = _flax_variables_of(d)
+  old = str(tmp_path / "old")
+  shutil.copytree(d, old)
+  for fname, ckpt in (("model_card.yaml", "model.pt"), ("normalizer_card.yaml", "normalizer.pt")):
+    card = yaml.safe_load(open(os.path.join(old, fname)))
+    card["checkpoint"] = ckpt
+    with open(os.path.join(old, fname), "w") as f:
+      yaml.safe_dump(card, f, sort_keys=False)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(d, moved)  # the cards still name d's files ...
+  shutil.move(d, str(tmp_path / "gone"))  # ... which no longer exist
+  try:
+    for src in (old, moved):
+      got = _flax_variables_of(src)
+      helpers.assert_trees_bitwise_equal({"params": got["params"], "buffers": got["buffers"]},
+                                         {"params": want["params"], "buffers": want["buffers"]})
+      wd = str(tmp_path / f"wd_{os.path.basename(src)}")
+      export.import_checkpoint(os.path.join(src, "model_card.yaml"), wd)
+  finally:
+    shutil.move(str(tmp_path / "gone"), d)
 
 
 def test_export_cli_subprocess_base_lcm(trained, tmp_path):

@@ -5,6 +5,7 @@ Tolerances: float32 everywhere; cached vs uncached differ only in reduction orde
 slots contribute exact zeros), so predictions agree to ~1e-6 relative; we assert 1e-5.
 """
 
+import math
 import os
 import sys
 
@@ -15,6 +16,7 @@ import pytest
 
 from lcm_jax import generate as gen_lib
 from lcm_jax import layers
+from lcm_jax.errors import UserError
 from lcm_jax.models.config import ModelConfig
 from tests import helpers
 from tests.helpers import ROOT, main_cmd, run_cli
@@ -138,7 +140,9 @@ def test_base_lcm_cached_generation_equals_full_recomputation(base_lcm, temperat
   prompts = _prompts()
   rng = jax.random.PRNGKey(7)
   res = gen_lib.generate(model, variables, prompts,
-                         gen_lib.GenerationConfig(max_len=steps, temperature=temperature),
+                         gen_lib.GenerationConfig(max_len=steps,
+                                                  sample_latent_variable=temperature > 0,
+                                                  temperature=temperature),
                          loop=loop, rng=rng)
   assert res.embeddings.shape == (3, steps, DIM)
   np.testing.assert_array_equal(res.lengths, steps)
@@ -152,7 +156,7 @@ def test_base_lcm_cached_generation_equals_full_recomputation(base_lcm, temperat
 def test_while_and_python_loops_agree(base_lcm):
   model, variables = base_lcm
   prompts = _prompts(3)
-  cfg = gen_lib.GenerationConfig(max_len=5, min_len=2, repetition_threshold=0.5)
+  cfg = gen_lib.GenerationConfig(max_len=5, min_gen_len=1, repetition_threshold=0.5)
   a = gen_lib.generate(model, variables, prompts, cfg, loop="while")
   b = gen_lib.generate(model, variables, prompts, cfg, loop="python")
   np.testing.assert_array_equal(a.embeddings, b.embeddings)
@@ -168,13 +172,17 @@ def _cos(a, b):
 
 
 def _oracle(free, prompts, eot, cfg):
-  """Expected (lengths, reasons) from an unstopped run ``free`` (B, >= max_len, S)."""
+  """Expected (lengths, reasons) from an unstopped run ``free`` (B, >= max_len, S).
+
+  The reference's rule (``LCMGenerator.finalize_step``): the concept written at position
+  ``step_nr`` may stop a row only if ``step_nr - prompt_len >= min_gen_len``; generated concept k
+  (0-based) is written at ``prompt_len + k``."""
   lengths, reasons = [], []
   for b, p in enumerate(prompts):
     prev = p[-1]
     for k in range(cfg.max_len):
       c = free[b, k]
-      ok = k + 1 >= cfg.min_len
+      ok = k >= cfg.min_gen_len
       if ok and eot is not None and _cos(c, eot) >= cfg.eot_threshold:
         reason = "eot"
       elif ok and cfg.repetition_threshold is not None and _cos(c, prev) >= \
@@ -200,7 +208,7 @@ def test_stopping_rules_and_frozen_rows(base_lcm):
   rep = _cos(free[1, 1], free[1, 2]) - 1e-6  # row 1 repeats at its third concept at the latest
   cases = [
       gen_lib.GenerationConfig(max_len=8, eot_threshold=0.9999),
-      gen_lib.GenerationConfig(max_len=8, min_len=4, eot_threshold=0.9999),
+      gen_lib.GenerationConfig(max_len=8, min_gen_len=3, eot_threshold=0.9999),
       gen_lib.GenerationConfig(max_len=2, eot_threshold=0.9999),
       gen_lib.GenerationConfig(max_len=8, eot_threshold=0.9999, repetition_threshold=rep),
   ]
@@ -220,17 +228,87 @@ def test_stopping_rules_and_frozen_rows(base_lcm):
   assert res.lengths[0] == 3 and res.reason_names()[0] == "eot"
   np.testing.assert_allclose(res.embeddings[0, 2], eot, rtol=1e-6, atol=1e-6)
   assert res.lengths.max() > 3  # others continued after row 0 froze
-  # min_len: row 0 may not stop at 3.
+  # min_gen_len=3: row 0 may not stop at 3.
   res = gen_lib.generate(model, variables, prompts, cases[1], eot_vector=eot)
   assert res.lengths.min() >= 4
 
 
+def test_first_generated_concept_never_stops(base_lcm):
+  """The reference's min_gen_len: a first prediction that IS the end-of-text vector (or repeats
+  the prompt) does not stop the row; min_gen_len generated concepts must come before a stop.
+  (The old rule, min_len=1, stopped row 0 after one concept here.)"""
+  model, variables = base_lcm
+  prompts = _prompts(5)
+  free = gen_lib.generate(model, variables, prompts, gen_lib.GenerationConfig(max_len=6)).embeddings
+  eot = free[0, 0].copy()  # row 0's first prediction is exactly "End of text."
+  default = gen_lib.GenerationConfig(max_len=6, eot_threshold=0.9999)
+  assert default.min_gen_len == 1
+  for loop in gen_lib.LOOPS:
+    res = gen_lib.generate(model, variables, prompts, default, eot_vector=eot, loop=loop)
+    lengths, reasons = _oracle(free, prompts, eot, default)
+    assert res.lengths[0] > 1 and lengths[0] > 1
+    np.testing.assert_array_equal(res.lengths, lengths)
+    assert list(res.reason_names()) == reasons
+  # A concept equal to EOT at the second position stops there (min_gen_len = 1 before it).
+  res = gen_lib.generate(model, variables, prompts, default, eot_vector=free[0, 1].copy())
+  assert res.lengths[0] == 2 and res.reason_names()[0] == "eot"
+  # Every concept "repeats" (threshold -1): each row stops right after min_gen_len concepts.
+  for n in (1, 2, 4):
+    cfg = gen_lib.GenerationConfig(max_len=6, min_gen_len=n, repetition_threshold=-1.0)
+    res = gen_lib.generate(model, variables, prompts, cfg)
+    np.testing.assert_array_equal(res.lengths, n + 1)
+    assert set(res.reason_names()) == {"repetition"}
+  # min_gen_len >= max_len: only max_len stops (the reference accepts it too).
+  cfg = gen_lib.GenerationConfig(max_len=3, min_gen_len=3, repetition_threshold=-1.0)
+  res = gen_lib.generate(model, variables, prompts, cfg)
+  np.testing.assert_array_equal(res.lengths, 3)
+  assert set(res.reason_names()) == {"max_len"}
+
+
+def test_latent_sampling_statistics_and_default_off(base_lcm):
+  """sample_latent_variable adds temperature * N(0, I) in normalized space: over many rows and
+  draws, (sampled - deterministic) / scale has mean ~0 and std ~temperature, independent
+  across draws; off (the default), or temperature 0, is deterministic whatever the key."""
+  model, variables = base_lcm
+  _, scale = gen_lib.normalizer_buffers(variables["buffers"])
+  scale = np.asarray(scale, np.float64)
+  prompts = _prompts(2) * 64  # 192 rows
+  det = gen_lib.Generator(model, gen_lib.GenerationConfig(max_len=1))
+  base = det(variables, prompts, rng=jax.random.PRNGKey(0)).embeddings[:, 0]
+  assert not gen_lib.GenerationConfig().sample_latent_variable  # our default: off
+  for cfg in (gen_lib.GenerationConfig(max_len=1, temperature=2.0),
+              gen_lib.GenerationConfig(max_len=1, sample_latent_variable=True, temperature=0.0)):
+    for key in (1, 2):
+      np.testing.assert_array_equal(
+          gen_lib.generate(model, variables, prompts, cfg, rng=jax.random.PRNGKey(key)).embeddings[
+              :, 0], base)
+  temperature = 0.7
+  gen = gen_lib.Generator(model, gen_lib.GenerationConfig(
+      max_len=1, sample_latent_variable=True, temperature=temperature))
+  draws = np.stack([gen(variables, prompts, rng=jax.random.PRNGKey(key)).embeddings[:, 0]
+                    for key in range(4)])
+  z = (draws.astype(np.float64) - base) / scale / temperature  # 4 x 192 x 16 standard normals
+  n = z.size
+  assert abs(z.mean()) < 4 / math.sqrt(n), z.mean()
+  assert abs(z.std() - 1.0) < 4 / math.sqrt(2 * n), z.std()
+  assert abs(np.corrcoef(z[0].ravel(), z[1].ravel())[0, 1]) < 4 / math.sqrt(z[0].size)
+
+
+def test_latent_sampling_flag_rule():
+  """The CLI rule: --[no]sample_latent_variable when given; else on exactly for --temperature>0."""
+  f = gen_lib.latent_sampling_from_flags
+  assert f(None, 1.0, False) is False   # nothing given: our default, off
+  assert f(None, 0.3, True) is True     # --temperature=0.3 alone samples (as in the reference)
+  assert f(None, 0.0, True) is False
+  assert f(True, 1.0, False) is True and f(False, 0.3, True) is False
+
+
 def test_generation_config_validation():
-  for kw, field in [({"max_len": 0}, "max_len"), ({"min_len": 5, "max_len": 3}, "min_len"),
+  for kw, field in [({"max_len": 0}, "max_len"), ({"min_gen_len": 0}, "min_gen_len"),
                     ({"eot_threshold": 1.5}, "eot_threshold"),
                     ({"repetition_threshold": -2.0}, "repetition_threshold"),
                     ({"temperature": -1.0}, "temperature")]:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(UserError, match=field):
       gen_lib.GenerationConfig(**kw).validate()
   with pytest.raises(ValueError, match="empty prompt"):
     gen_lib.pad_prompts([np.zeros((2, DIM)), np.zeros((0, DIM))], DIM)
@@ -397,6 +475,9 @@ def test_cli_generates(trained, tmp_path):
     ("empty", ["prompts.npz", "'prompt_empty'", "empty prompt"]),
     ("no_checkpoint", ["--workdir", "has no checkpoints"]),
     ("guidance_rescale", ["guidance_rescale", "[0, 1]"]),
+    ("min_gen_len", ["bad generation flag", "min_gen_len", ">= 1"]),
+    ("thresholding", ["bad sampler flag", "sample_max_value", ">= 1"]),
+    ("out_is_dir", ["--out", "is a directory"]),
 ])
 def test_cli_bad_input_fails_cleanly(trained, tmp_path, kind, expected):
   _, wd = trained
@@ -410,13 +491,18 @@ def test_cli_bad_input_fails_cleanly(trained, tmp_path, kind, expected):
   elif kind == "no_checkpoint":
     wd = str(tmp_path / "empty_wd")
     os.makedirs(wd)
-  else:
+  elif kind == "min_gen_len":
+    extra = ["--min_gen_len=0"]
+  elif kind == "thresholding":
+    extra = ["--thresholding", "--sample_max_value=0.5"]
+  elif kind == "guidance_rescale":
     extra = ["--guidance_rescale=2"]
   path = str(tmp_path / "prompts.npz")
   np.savez(path, **prompts)
   out_dir = tmp_path / "out"
   out_dir.mkdir()
-  r = run_cli(_gen_cmd(wd, path, str(out_dir / "gen.npz"), *extra))
+  out = str(out_dir) if kind == "out_is_dir" else str(out_dir / "gen.npz")
+  r = run_cli(_gen_cmd(wd, path, out, *extra))
   assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
   err = r.stderr.strip().splitlines()[-1]
   assert err.startswith("error: "), err

@@ -101,7 +101,8 @@ def test_text_to_text_end_to_end(setup, family, tmp_path):
   model = torch_models.load_from_card(card)
   eot = encoder.encode(["End of text."], "eng_Latn")[0]
   res = torch_generate.generate(
-      model, prompts, GenerationConfig(max_len=MAX_LEN, eot_threshold=0.99, temperature=0.3),
+      model, prompts, GenerationConfig(max_len=MAX_LEN, eot_threshold=0.99,
+                                        sample_latent_variable=True, temperature=0.3),
       sampler=diffusion.SamplerConfig(num_steps=4, eta=0.5), eot_vector=eot, seed=3)
   np.testing.assert_array_equal(res.lengths, saved["lengths"])
   np.testing.assert_allclose(res.embeddings, saved["embeddings"], rtol=1e-5, atol=1e-5)
@@ -127,6 +128,10 @@ def test_bad_input(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().startswith("error:") and missing in r.stderr
   assert not os.path.exists(tmp_path / "o.jsonl")
+  r = run_cli([sys.executable, "-m", "data_prep.text_generate", f"--card={missing}",
+               "--prompt=Hello there.", f"--out={tmp_path}"])  # --out is a directory
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --out")
+  assert "is a directory" in r.stderr
   with pytest.raises(text_generate.UserError, match="no prompt"):
     text_generate.read_prompts(None, None)
   with pytest.raises(text_generate.UserError, match="empty"):

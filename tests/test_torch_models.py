@@ -246,6 +246,9 @@ def jax_noise(rng, family, sampler):
     dict(),
     dict(guidance_scale=1.0, eta=0.5, timestep_spacing="trailing", num_steps=7),
     dict(guidance_rescale=0.0, epsilon_scaling=1.0, timestep_spacing="leading", num_steps=10),
+    dict(clip_noise=0.6, thresholding=True, dynamic_thresholding_ratio=0.9,
+         sample_max_value=1.5),
+    dict(guidance_scale=1.0, eta=0.5, clip_noise=0.8, clip_sample=True, clip_sample_range=0.9),
 ])
 def test_sampler_matches_jax(settings):
   """Both samplers on the same analytic denoiser and the same noise."""
@@ -280,7 +283,7 @@ def _oracle(free, prompts, eot, gen):
   for b, p in enumerate(prompts):
     prev = p[-1]
     for k in range(gen.max_len):
-      c, ok = free[b, k], k + 1 >= gen.min_len
+      c, ok = free[b, k], k >= gen.min_gen_len  # the reference's step_nr - prompt_len
       if ok and _cos(c, eot) >= gen.eot_threshold:
         reason = "eot"
       elif ok and _cos(c, prev) >= gen.repetition_threshold:
@@ -303,8 +306,10 @@ def _stopping_case(free, prompts, temperature):
   cands = sorted({_cos(free[b, k], free[b, k - 1]) for b in range(len(prompts))
                   for k in range(1, free.shape[1])}, reverse=True)
   for c in cands:
-    gen = gen_lib.GenerationConfig(max_len=free.shape[1], min_len=2, eot_threshold=0.9999,
-                                   repetition_threshold=c - 1e-4, temperature=temperature)
+    gen = gen_lib.GenerationConfig(max_len=free.shape[1], min_gen_len=1, eot_threshold=0.9999,
+                                   repetition_threshold=c - 1e-4,
+                                   sample_latent_variable=temperature > 0,
+                                   temperature=temperature)
     lengths, reasons = _oracle(free, prompts, eot, gen)
     if reasons[0] == "eot" and lengths[0] == 3 and {"repetition", "max_len"} <= set(reasons):
       return gen, eot, lengths, reasons
@@ -326,7 +331,8 @@ def test_generation_matches_jax(pair, variant):
   prompts = [np.random.default_rng(i).normal(size=(n, DIM)).astype(np.float32)
              for i, n in enumerate((3, 1, 5, 2))]
   free = gen_lib.generate(model, v, prompts, gen_lib.GenerationConfig(
-      max_len=6, temperature=temperature), sampler=sampler, rng=rng).embeddings
+      max_len=6, sample_latent_variable=temperature > 0, temperature=temperature),
+      sampler=sampler, rng=rng).embeddings
   gen, eot, lengths, reasons = _stopping_case(free, prompts, temperature)
   want = gen_lib.generate(model, v, prompts, gen, sampler=sampler, rng=rng, eot_vector=eot)
   got = torch_generate.generate(tm, prompts, gen, sampler=sampler, eot_vector=eot,
@@ -340,6 +346,61 @@ def test_generation_matches_jax(pair, variant):
   # Another seed gives other concepts (the noise matters; the check above is not vacuous).
   other = torch_generate.generate(tm, prompts, gen, sampler=sampler, eot_vector=eot, seed=1)
   assert np.abs(other.embeddings[:, 0] - got.embeddings[:, 0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("pair", FAMILIES, indirect=True)
+def test_first_concept_never_stops_same_lengths_as_jax(pair):
+  """The reference's min_gen_len rule on both sides: a first prediction equal to the EOT vector
+  does not stop its row (the old rule stopped it after one concept), and an "everything repeats"
+  threshold stops every row after exactly min_gen_len + 1 concepts; JAX and torch agree."""
+  model, v, tm, _ = pair
+  family = tm.config.family
+  sampler = diffusion.SamplerConfig(num_steps=4, clip_noise=1.0, thresholding=True,
+                                    dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+  rng = jax.random.PRNGKey(3)
+  prompts = [np.random.default_rng(i).normal(size=(n, DIM)).astype(np.float32)
+             for i, n in enumerate((2, 4, 1))]
+  free = gen_lib.generate(model, v, prompts, gen_lib.GenerationConfig(max_len=5),
+                          sampler=sampler, rng=rng).embeddings
+  eot = free[0, 0].copy()
+  cases = [(gen_lib.GenerationConfig(max_len=5, eot_threshold=0.9999), eot)] + [
+      (gen_lib.GenerationConfig(max_len=5, min_gen_len=n, repetition_threshold=-1.0), None)
+      for n in (1, 3)]
+  for gen, eot_vec in cases:
+    want = gen_lib.generate(model, v, prompts, gen, sampler=sampler, rng=rng, eot_vector=eot_vec)
+    got = torch_generate.generate(tm, prompts, gen, sampler=sampler, eot_vector=eot_vec,
+                                  noise=jax_noise(rng, family, sampler))
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    assert list(got.reason_names()) == list(want.reason_names())
+    if eot_vec is not None:
+      assert want.lengths[0] > 1
+    else:
+      np.testing.assert_array_equal(want.lengths, gen.min_gen_len + 1)
+    _rel(got.embeddings, want.embeddings, f"{family} generation (thresholded, clipped)")
+
+
+@pytest.mark.parametrize("pair", ["base_lcm"], indirect=True)
+def test_torch_latent_sampling_statistics(pair):
+  """torch Base-LCM: sample_latent_variable adds temperature * N(0, I) in normalized space
+  (mean ~0, std ~temperature over many rows and seeds); off (the default) is deterministic."""
+  _, v, tm, _ = pair
+  _, scale = gen_lib.normalizer_buffers(v["buffers"])
+  scale = np.asarray(scale, np.float64)
+  prompts = [np.random.default_rng(i).normal(size=(n, DIM)).astype(np.float32)
+             for i, n in enumerate((3, 1, 5))] * 64
+  base = torch_generate.generate(tm, prompts, gen_lib.GenerationConfig(max_len=1),
+                                 seed=0).embeddings[:, 0]
+  again = torch_generate.generate(tm, prompts, gen_lib.GenerationConfig(max_len=1, temperature=3.0),
+                                  seed=5).embeddings[:, 0]
+  np.testing.assert_array_equal(again, base)
+  temperature = 0.5
+  gen = gen_lib.GenerationConfig(max_len=1, sample_latent_variable=True, temperature=temperature)
+  draws = np.stack([torch_generate.generate(tm, prompts, gen, seed=s).embeddings[:, 0]
+                    for s in range(4)])
+  z = (draws.astype(np.float64) - base) / scale / temperature
+  n = z.size
+  assert abs(z.mean()) < 4 / math.sqrt(n), z.mean()
+  assert abs(z.std() - 1.0) < 4 / math.sqrt(2 * n), z.std()
 
 
 def test_generator_validation(pair):
