@@ -58,12 +58,11 @@ def dtype_name(model_cfg: Any) -> str:
 
 
 def describe_model(model_cfg: Any) -> str:
-  """``d=.. layers=.. heads=.. ffn=..`` (+ ``denoiser_layers=..`` for the Two-Tower)."""
-  text = (f"d={model_cfg.model_dim} layers={model_cfg.num_layers} heads={model_cfg.num_heads} "
-          f"ffn={model_cfg.swiglu_inner_dim}")
-  if model_cfg.family == "two_tower_diffusion_lcm":
-    text += f" denoiser_layers={model_cfg.denoiser_num_layers}"
-  return text
+  """``<family> d=.. layers=<the family's layers line> heads=.. ffn=..``."""
+  from lcm_jax import families  # pylint: disable=g-import-not-at-top  (benchmark start-up)
+  layers = families.of(model_cfg).describe_layers(model_cfg)
+  return (f"{model_cfg.family} d={model_cfg.model_dim} layers={layers} "
+          f"heads={model_cfg.num_heads} ffn={model_cfg.swiglu_inner_dim}")
 
 
 def device_line(model_cfg: Any) -> str:

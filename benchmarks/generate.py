@@ -23,7 +23,7 @@ Printed per config (one line):
   * Two-Tower: denoiser evaluations/s = concepts/s x visited timesteps x halves (2 with
     guidance): one evaluation = one query through the denoiser;
   * GFLOP/concept: model FLOPs of the whole call (prefill included) / generated concepts, counted
-    as :func:`generation_flops` says (forward only: 2 x matmul parameters per row processed plus
+    as the family's ``generation_flops`` says (forward only: 2 x matmul parameters per row processed plus
     the attention score and value products over every cache slot the dense kernel reads);
   * model GFLOP/s, the plain-matmul GFLOP/s measured in the same run and their ratio (median
     rates; per-round min..max of the ratio), as in benchmarks/train_step.py. The matmul is the
@@ -48,51 +48,6 @@ DEFAULT_CONFIGS = ("configs/mse_1b6.py:tiny", "configs/two_tower_1b6.py:tiny",
                    "configs/mse_1b6.py:bench", "configs/two_tower_1b6.py:bench")
 
 
-def generation_flops(cfg, batch: int, prompt_len: int, max_len: int, visited: int = 0,
-                     halves: int = 1) -> int:
-  """Model FLOPs of one Generator call: ``batch`` prompts of ``prompt_len``, ``max_len`` each.
-
-  Forward only, 2 FLOPs per multiply-add; biases, norms, activations, RoPE, softmax, the
-  sampler's and AdaLN's element-wise maths not counted. ``slots = prompt_len + max_len`` is the
-  KV cache length; attention counts ``2 * keys * (num_heads * head_dim)`` FLOPs for each of the
-  score and value products per query and layer with ``keys`` = every cache slot (what the dense
-  kernel computes, masked or not).
-
-  ``base_lcm``: ``prompt_len`` prefill positions + ``max_len - 1`` fed-back concepts, each through
-  pre-net, all layers and post-net (``matmul_param_count``) with ``keys = slots``.
-
-  ``two_tower_diffusion_lcm`` (``visited`` DDIM timesteps, ``halves`` = 2 with guidance):
-    * contextualizer (``pre_linear`` + layers, ``keys = slots``) on the same
-      ``prompt_len + max_len - 1`` positions; the denoiser's cross-attention k/v projections
-      on ``prompt_len + max_len`` context rows (the zero slot included);
-    * per generated concept, ``visited`` denoiser calls of ``halves`` queries each:
-      ``initial_proj``, per layer the self-attention v/output projections (identity-mask
-      shortcut), the cross-attention q/output projections and the products against
-      ``keys = slots + 1``, the SwiGLU FFN, and ``final_proj``; plus the timestep embedding and
-      every layer's Linear(d, 9d) modulator: per query when a call has fewer than T queries
-      (``batch * halves < T``), else once on the (T, d) table per call (the model's shortcut 2).
-  """
-  d, s, f = cfg.model_dim, cfg.sonar_embed_dim, cfg.swiglu_inner_dim
-  inner = cfg.num_heads * cfg.head_dim
-  slots = prompt_len + max_len
-  body = cfg.num_layers * (4 * d * inner + 3 * d * f)
-  attention = 2 * 2 * slots * inner * cfg.num_layers
-  positions = prompt_len + max_len - 1
-  if cfg.family == "base_lcm":
-    return batch * positions * (2 * (s * d + body + d * s) + attention)
-  if cfg.family != "two_tower_diffusion_lcm":
-    raise NotImplementedError(f"generation_flops: unknown family {cfg.family!r}")
-  n_den, num_t = cfg.denoiser_num_layers, cfg.num_diffusion_train_steps
-  context = batch * positions * (2 * (s * d + body) + attention)
-  cross_kv = batch * slots * 2 * n_den * 2 * d * inner
-  query = 2 * (s * d + n_den * (4 * d * inner + 3 * d * f) + d * s)
-  query += 2 * 2 * (slots + 1) * inner * n_den
-  time_table = 2 * (cfg.timestep_embed_dim * d + d * d + n_den * d * 9 * d)
-  queries = batch * halves
-  per_call = queries * query + (time_table * num_t if queries >= num_t else time_table * queries)
-  return context + cross_kv + max_len * visited * per_call
-
-
 def bench_one(spec: str, args: argparse.Namespace) -> str:
   """Times generation for one config; returns its result line."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -106,10 +61,10 @@ def bench_one(spec: str, args: argparse.Namespace) -> str:
   variables = {"params": state["params"], "buffers": state["buffers"]}
   del state  # the optimizer state is not needed
   cfg = s.model_cfg
-  two_tower = cfg.family == "two_tower_diffusion_lcm"
+  family = s.family
   sampler = diffusion.SamplerConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale)
   visited, halves = 0, 1
-  if two_tower:
+  if family.samples:
     sampler.validate(cfg.num_diffusion_train_steps)
     visited = len(diffusion.ddim_timesteps(cfg.num_diffusion_train_steps, sampler.num_steps,
                                            sampler.timestep_spacing))
@@ -137,12 +92,12 @@ def bench_one(spec: str, args: argparse.Namespace) -> str:
   matmul = common.MatmulReference(cfg, rows, rng)
   gen_times, mm_times = common.interleaved_rounds(args.rounds, run, 1, matmul, args.matmul_iters,
                                                   model_warmup=False)
-  flops = generation_flops(cfg, args.batch, args.prompt_len, args.max_len, visited, halves)
+  flops = family.generation_flops(cfg, args.batch, args.prompt_len, args.max_len, visited, halves)
   gt, mt = statistics.median(gen_times), statistics.median(mm_times)
   concepts = args.batch * args.max_len
   rate, mm_rate = flops / gt, matmul.flops / mt
   lo, hi = common.ratio_range(flops, gen_times, matmul.flops, mm_times)
-  evals = f"{concepts * visited * halves / gt:>10,.0f}" if two_tower else f"{'-':>10}"
+  evals = f"{concepts * visited * halves / gt:>10,.0f}" if family.samples else f"{'-':>10}"
   return (f"{spec:31} {concepts / gt:>10,.1f} {1e3 * gt / concepts:>9.3f} "
           f"{1e3 * gt / args.max_len:>9.1f} {evals} {flops / concepts / 1e9:>11.4f} "
           f"{rate / 1e9:>8.2f} {mm_rate / 1e9:>8.1f} {rate / mm_rate:>7.4f} "

@@ -9,7 +9,7 @@ matmuls of the config's size class ((B*L x d) @ (d x d) and (B*L x d) @ (d x ffn
 ffn = the SwiGLU inner dim, compute dtype; benchmarks/common.py), measured interleaved with the
 step so machine noise hits both. Medians over ``--rounds`` rounds; one device.
 
-Model FLOPs (lcm_jax.models.flops.train_flops_per_concept): 6 x matmul parameters per concept
+Model FLOPs (the family's train_flops_per_concept, lcm_jax.families): 6 x matmul parameters per concept
 plus the attention score and value products (x3 for forward + backward), counted on all
 positions of every row (see that module's docstring). Two-Tower: as executed with the exact
 shortcuts (no denoiser q/k projections or self-attention products; the timestep embedding and
@@ -68,7 +68,6 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lcm_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  from lcm_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
   config = common.load_config(args.config, args.set)
   s = train.setup(config, devices=jax.devices()[:1])
@@ -98,9 +97,8 @@ def main() -> None:
   jax.block_until_ready(run_step())
   compile_s = time.perf_counter() - t0
 
-  # rows_per_step: the Two-Tower's per-step timestep table, amortised over the step (Base-LCM
-  # ignores it).
-  step_flops = flops_lib.train_flops_per_concept(s.model_cfg, l, rows_per_step=b) * b * l
+  # rows_per_step: a per-step cost (the Two-Tower's timestep table), amortised over the step.
+  step_flops = s.family.train_flops_per_concept(s.model_cfg, l, rows_per_step=b) * b * l
   real = float((seg > 0).sum())
   step_times, mm_times = common.interleaved_rounds(args.rounds, run_step, args.iters, matmul,
                                                    args.iters * 4)

@@ -3,50 +3,31 @@
 Every field can be overridden on the command line, e.g. ``--config.optimizer.lr=1e-3``.
 """
 
+import dataclasses
+
 import ml_collections
 
+from lcm_jax import families
+from lcm_jax.models.config import ModelConfig
 
-def model_config() -> ml_collections.ConfigDict:
-  """The shared transformer body (LCM_SPEC sections 3-4). Field names follow the reference."""
-  m = ml_collections.ConfigDict()
-  m.family = "base_lcm"          # base_lcm | two_tower_diffusion_lcm (issue 3)
-  m.sonar_embed_dim = 1024       # SONAR space (input/output of pre/post nets)
-  m.model_dim = 2048
-  m.num_layers = 32
-  m.num_heads = 16
-  m.ffn_inner_dim = 8192         # before the SwiGLU 2/3-and-round-up-to-256 rule (-> 5632)
-  m.ffn_multiple_of = 256
-  m.max_seq_len = 4096
-  m.dropout = 0.1                # on attention and FFN outputs; none on attention weights
-  m.rope_theta = 10000.0
-  m.norm_eps = 1e-5
-  m.dtype = "auto"               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
-  m.param_dtype = "float32"      # params and optimizer state stay fp32
-  m.scan_layers = True           # nn.scan over layers: compile time flat in depth
-  m.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  # Two-Tower diffusion (LCM_SPEC section 5); num_layers is then the contextualizer depth.
-  m.denoiser_num_layers = 13
-  m.timestep_embed_dim = 256     # DiT sinusoidal features, cos half first
-  m.num_diffusion_train_steps = 100
-  m.beta_schedule = "squaredcos_cap_v2"  # | sigmoid | linear | scaled_linear
-  m.beta_start = 0.0001          # linear / scaled_linear
-  m.beta_end = 0.02
-  m.sigmoid_alpha = 1.5          # sigmoid schedule (paper eq. 14)
-  m.sigmoid_beta = 0.0
-  m.rescale_zero_terminal_snr = True
-  m.loss_weighting = "none"      # none | clamped_snr | fragility
-  m.snr_clamp_min = 0.0
-  m.snr_clamp_max = 5.0
-  m.fragility_a = -4.0
-  m.fragility_b = 3.5
-  m.cfg_dropout = 0.15           # classifier-free guidance: drop a position's conditioning
+
+def model_config(family: str = "base_lcm") -> ml_collections.ConfigDict:
+  """``config.model`` of ``family``: every field that family reads, with the defaults of
+  :class:`lcm_jax.models.config.ModelConfig` (the one source of defaults, documented there; the
+  names follow the reference). A field of another family is absent, so overriding it on the
+  command line is an error."""
+  fields = families.get(family).fields
+  defaults = dataclasses.asdict(ModelConfig())
+  m = ml_collections.ConfigDict({k: v for k, v in defaults.items() if k in fields})
+  m.family = family
   return m
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(family: str = "base_lcm") -> ml_collections.ConfigDict:
+  """The defaults of every recipe, with ``config.model`` of ``family`` (:func:`model_config`)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = model_config()
+  c.model = model_config(family)
 
   # Data (lcm_jax/data.py). Datasets are "DIR[:WEIGHT],DIR[:WEIGHT],..." (a weighted mixture),
   # e.g. --config.data.train=/data/wiki:0.7,/data/books:0.3

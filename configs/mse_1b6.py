@@ -1,4 +1,4 @@
-"""Base-LCM (MSE regression), the reference 1.6B pre-training recipe (LCM_SPEC section 4).
+"""Base-LCM (MSE regression), the reference 1.6B pre-training recipe.
 
 Run:
   python -m lcm_jax.main --config=configs/mse_1b6.py --workdir=/path/to/workdir \
@@ -18,9 +18,9 @@ from lcm_jax import errors
 
 
 def get_config(variant: str = ""):
-  c = base.get_config()
-  # base_lcm_1_6B: d 2048, 32 layers, 16 heads, ffn 8192 (SwiGLU 5632), max_seq_len 4096.
-  c.model.family = "base_lcm"
+  # base_lcm_1_6B: d 2048, 32 layers, 16 heads, ffn 8192 (SwiGLU 5632), max_seq_len 4096 (the
+  # ModelConfig defaults).
+  c = base.get_config("base_lcm")
   # ~229k concepts per step in the reference (7168 per GPU x 32 GPUs): 1792 rows of 128 concepts.
   c.data.global_batch_size = 1792
   c.data.seq_len = 128
@@ -41,7 +41,7 @@ def get_config(variant: str = ""):
 
 
 def apply_sft_recipe(c):
-  """The reference fine-tuning recipe (LCM_SPEC section 4): lr 3e-5, warmup 3k, wd 0.01, 20k steps.
+  """The reference fine-tuning recipe: lr 3e-5, warmup 3k, wd 0.01, 20k steps.
 
   Data are source/target documents; only target concepts are scored. ``train.init_from`` must
   name the pre-trained workdir (``WORKDIR`` or ``WORKDIR@STEP``).

@@ -1,4 +1,4 @@
-"""Two-Tower diffusion LCM 1.6B (``two_tower_diffusion_lcm_1_6B``), pre-training (LCM_SPEC 4-5).
+"""Two-Tower diffusion LCM 1.6B (``two_tower_diffusion_lcm_1_6B``), pre-training.
 
 Run:
   python -m lcm_jax.main --config=configs/two_tower_1b6.py --workdir=/path/to/workdir \
@@ -47,8 +47,7 @@ def apply_variant(c, variant: str, config_file: str):
 
 
 def get_config(variant: str = ""):
-  c = base.get_config()
-  c.model.family = "two_tower_diffusion_lcm"
+  c = base.get_config("two_tower_diffusion_lcm")
   c.model.model_dim = 2048
   c.model.num_heads = 16
   c.model.num_layers = 5             # contextualizer

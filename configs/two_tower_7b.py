@@ -1,4 +1,4 @@
-"""Two-Tower diffusion LCM 7B (``two_tower_diffusion_lcm_7B``), pre-training (LCM_SPEC 4-5).
+"""Two-Tower diffusion LCM 7B (``two_tower_diffusion_lcm_7B``), pre-training.
 
 Run:
   python -m lcm_jax.main --config=configs/two_tower_7b.py --workdir=/path/to/workdir \

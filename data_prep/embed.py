@@ -9,7 +9,7 @@ Offline with tiny random models (tests, demos; ``python -m data_prep.tiny_models
   python -m data_prep.embed --input=docs/*.txt --out=data/tiny --sat_model=M/sat/model \\
       --sat_tokenizer=M/sat/tokenizer --encoder=M/sonar/tiny_sonar_encoder.yaml
 
-What one document becomes (LCM_SPEC sections 1-2):
+What one document becomes:
   * its text is split into sentences by SaT (``--sat_model``, ``--sat_threshold``) with the
     ``--max_chars`` cap (every sentence at most 250 characters; :mod:`data_prep.sat`);
   * each sentence is encoded by the SONAR text encoder (``--encoder``, ``--tokenizer``) in the
@@ -560,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
   g.add_argument("--compute_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                  help="encoder dtype (default: float32 on CPU, float16 on GPU)")
-  g = p.add_argument_group("document conventions (LCM_SPEC section 1)")
+  g = p.add_argument_group("document conventions")
   g.add_argument("--eot_text", default="End of text.", help="end-of-text sentence appended")
   g.add_argument("--eot_lang", default="eng_Latn", help="language the constant sentences use")
   g.add_argument("--source_prefix", default=None, help="pairs: a sentence before the source")

@@ -21,7 +21,7 @@ roundtrip
   Each prediction ``p`` is decoded to a sentence with the SONAR decoder (beam search,
   ``--lang``), the sentence is encoded again with the SONAR encoder (``--lang``) to ``r``, and
 
-  * ``roundtrip_l2`` = ``||r - p||`` (LCM_SPEC section 8: decode then re-encode the prediction):
+  * ``roundtrip_l2`` = ``||r - p||`` (the paper's round-trip L2: decode then re-encode the prediction):
     how far a prediction is from a vector that decodes to the same text, i.e. from the part of
     SONAR space the decoder/encoder pair maps to itself;
   * with ``targets``: ``l2_to_target`` = ``||p - t||`` (the plain teacher-forced L2) and
@@ -45,14 +45,14 @@ rouge
   a model not fine-tuned on pairs). Generation is ``python -m data_prep.text_generate``'s path
   (:func:`data_prep.text_generate.load_models` once, then
   :func:`~data_prep.text_generate.generate_texts` per batch: SaT segmentation, SONAR encoding,
-  :class:`lcm_jax.torch_generate.Generator`, SONAR decoding) with its flags, names and defaults
+  :class:`lcm_interop.torch_generate.Generator`, SONAR decoding) with its flags, names and defaults
   (``--card``/``--workdir``/``--step``, ``--sat_model``, ``--encoder``, ``--decoder``,
   ``--max_len``, ``--eot_threshold``, ``--temperature``, the sampler flags, ``--seed``, ...; see
   ``python -m data_prep.text_generate --help``). The models are loaded once (a ``--workdir`` is
   exported once); pairs go to the generator ``--batch_size`` at a time, and every batch draws its
   noise from ``--seed`` afresh, so a batch's continuations are deterministic and are those of one
   ``text_generate`` call on that batch's prompts with the same constants (with sampling noise,
-  ``--temperature > 0`` or a Two-Tower model, they therefore depend on ``--batch_size``).
+  ``--temperature > 0`` or a diffusion model, they therefore depend on ``--batch_size``).
 
   Scores: ``rouge_score.rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)``
   (the ``rouge-score`` package: lowercase, non-alphanumerics to spaces, Porter stemmer, no nltk

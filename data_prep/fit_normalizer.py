@@ -8,7 +8,7 @@ Run:
 Samples concept vectors from the datasets (``DIR[:WEIGHT]``, each an lcm_jax dataset: shards +
 ``manifest.json``) in proportion to their weights with :func:`lcm_jax.normalizer.sample_embeddings`
 and fits the reference normalizer on that sample with :func:`lcm_jax.normalizer.fit_robust_scaler`:
-sklearn's ``RobustScaler(unit_variance=True, quantile_range=(0.25, 0.75))`` (LCM_SPEC section 2;
+sklearn's ``RobustScaler(unit_variance=True, quantile_range=(0.25, 0.75))`` (the reference's normalizer;
 the range is in PERCENT), optionally with per-dimension clipping bounds at quantiles of the
 normalized sample (``--clip`` for the reference's 1e-4 / 1-1e-4, or ``--clip_quantiles``). The
 sample is a deterministic function of the datasets, weights, ``--max_samples``, ``--seed`` and

@@ -1,6 +1,6 @@
 """SaT sentence segmentation with a character cap ("SaT capped"), and a tiny random SaT model.
 
-A concept is one sentence (LCM_SPEC section 1), so every document is cut into sentences by
+A concept is one sentence, so every document is cut into sentences by
 wtpsplit's SaT model before SONAR encodes them. SONAR round trips degrade past ~250 characters,
 so no output sentence may be longer than ``max_chars`` (default 250): ``len(s) <= max_chars``
 holds for every sentence :meth:`Segmenter.segment` returns.
@@ -37,7 +37,7 @@ Segmentation (:class:`Segmenter`), per text
         out of play; below it the separators are the better guess. Every such candidate is below
         ``threshold`` (else step 2 had cut there); ``min_boundary_prob >= threshold`` disables
         this rule.
-     b. Separators, in LCM_SPEC order ``...``, newline, ``!``, ``?``, ``;``, ``:``, ``.``, ``,``,
+     b. Separators, in this order: ``...``, newline, ``!``, ``?``, ``;``, ``:``, ``.``, ``,``,
         tab, space: the first one that occurs inside the sentence with text after it (and no
         combining mark or joiner right after it). The cut goes
         after the whole run of the separator's last character (``"a.....b"`` cuts before ``b``,
@@ -89,7 +89,7 @@ from lcm_jax.errors import UserError
 
 DEFAULT_MODEL = "sat-3l"
 HUB_PREFIX = "segment-any-text"
-# LCM_SPEC section 1 (the Wikipedia recipe); wtpsplit's own default for sat-3l is 0.025.
+# The reference's Wikipedia recipe; wtpsplit's own default for sat-3l is 0.025.
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_MAX_CHARS = 250
 DEFAULT_MIN_BOUNDARY_PROB = 0.01
@@ -251,7 +251,7 @@ class Segmenter:
 
   Args:
     sat: a loaded wtpsplit ``SaT`` (:func:`load_sat`).
-    threshold: SaT boundary probability above which a sentence ends (LCM_SPEC: 0.2 for sat-3l).
+    threshold: SaT boundary probability above which a sentence ends (the reference's recipe: 0.2 for sat-3l).
     max_chars: every output sentence has at most this many characters.
     min_boundary_prob: the cap uses SaT boundaries only above this probability, else separators.
     text_batch_size: texts per SaT call.

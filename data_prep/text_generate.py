@@ -17,12 +17,12 @@ Steps, per prompt (all prompts in one batch):
   1. SaT-segment the prompt (:class:`data_prep.sat.Segmenter`, the embedding tool's settings); no
      end-of-text sentence is appended (the model continues the text);
   2. SONAR-encode the sentences (raw SONAR space; the torch model normalizes internally);
-  3. generate concepts with :class:`lcm_jax.torch_generate.Generator` (Base-LCM or Two-Tower, per
+  3. generate concepts with :class:`lcm_interop.torch_generate.Generator` (any family, per
      the card), stopping at the end-of-text vector (``encode([--eot_text])``, ``--eot_lang``),
      optionally at a repetition, else at ``--max_len`` concepts;
   4. SONAR-decode every generated concept (beam search) to one sentence.
 
-``--workdir`` exports the checkpoint (:func:`lcm_jax.export.export_checkpoint`) to a temporary
+``--workdir`` exports the checkpoint (:func:`lcm_interop.export.export_checkpoint`) to a temporary
 directory first and loads that card. Models: ``--sat_model``/``--encoder``/``--decoder`` take the
 production names (downloaded/cached as in data_prep.embed / data_prep.decode) or the local paths
 ``python -m data_prep.tiny_models`` prints.
@@ -131,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--temperature", type=float, default=None,
                  help="Base-LCM latent noise std when sampling (the reference's "
                  "lcm_temperature; unset: 1.0)")
-  g.add_argument("--sampler_steps", type=int, default=40, help="Two-Tower DDIM steps")
-  g.add_argument("--guidance_scale", type=float, default=3.0, help="Two-Tower CF guidance")
-  g.add_argument("--guidance_rescale", type=float, default=0.7, help="Two-Tower guidance rescale")
-  g.add_argument("--initial_noise_scale", type=float, default=0.6, help="Two-Tower initial noise")
-  g.add_argument("--eta", type=float, default=0.0, help="Two-Tower DDIM eta")
+  g.add_argument("--sampler_steps", type=int, default=40, help="diffusion: DDIM steps")
+  g.add_argument("--guidance_scale", type=float, default=3.0, help="diffusion: CF guidance")
+  g.add_argument("--guidance_rescale", type=float, default=0.7, help="diffusion: guidance rescale")
+  g.add_argument("--initial_noise_scale", type=float, default=0.6, help="diffusion: initial noise")
+  g.add_argument("--eta", type=float, default=0.0, help="diffusion: DDIM eta")
   g.add_argument("--seed", type=int, default=0, help="torch noise seed")
   g.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
   return p
@@ -190,15 +190,16 @@ def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _load_model(a: argparse.Namespace, device: Any, tmp: str) -> Any:
-  from lcm_jax import export, torch_models  # pylint: disable=g-import-not-at-top
-  if a.card is not None:
+  from lcm_interop import reference, torch_models  # pylint: disable=g-import-not-at-top
+  if a.card is not None:  # no JAX needed
     card = a.card
-    path = os.path.join(card, export.CARD_FILE) if os.path.isdir(card) else card
+    path = os.path.join(card, reference.CARD_FILE) if os.path.isdir(card) else card
     if not os.path.isfile(path):
       raise UserError(f"--card {card}: {path} does not exist")
   else:
     if not os.path.isdir(a.workdir):
       raise UserError(f"--workdir {a.workdir}: is not a directory")
+    from lcm_interop import export  # pylint: disable=g-import-not-at-top  (JAX + torch)
     card = os.path.join(tmp, "export")
     try:
       summary = export.export_checkpoint(a.workdir, card, step=a.step)
@@ -216,7 +217,7 @@ class Models:
   """Everything :func:`generate_texts` needs, loaded and checked once by :func:`load_models`."""
 
   model: Any
-  """The torch LCM (:func:`lcm_jax.torch_models.load_from_card`)."""
+  """The torch LCM (:func:`lcm_interop.torch_models.load_from_card`)."""
   segmenter: Any
   """:class:`data_prep.sat.Segmenter`."""
   encoder: Any
@@ -226,17 +227,18 @@ class Models:
   eot: Optional[np.ndarray]
   """(S,) raw-space end-of-text vector (``--eot_text`` in ``--eot_lang``); None: EOT stop off."""
   gen_cfg: Any
-  """:class:`lcm_jax.generate.GenerationConfig` (validated)."""
+  """:class:`lcm_jax.generation_config.GenerationConfig` (validated)."""
   sampler: Any
-  """:class:`lcm_jax.diffusion.SamplerConfig` (validated for a Two-Tower model)."""
+  """:class:`lcm_jax.schedules.SamplerConfig` (validated for a diffusion family's model)."""
   generator: Any
-  """:class:`lcm_jax.torch_generate.Generator` over ``model``, ``gen_cfg``, ``sampler``, ``eot``."""
+  """:class:`lcm_interop.torch_generate.Generator` over ``model``, ``gen_cfg``, ``sampler``,
+  ``eot``."""
   device: Any
   """The resolved torch device."""
 
   @property
   def config(self) -> Any:
-    """The model's :class:`~lcm_jax.models.config.ModelConfig`."""
+    """The model's config (:class:`~lcm_jax.models.config.ModelConfig`)."""
     return self.model.config
 
 
@@ -245,9 +247,10 @@ def load_models(a: argparse.Namespace) -> Models:
   temporary directory), SaT, the SONAR encoder and decoder, and encodes the end-of-text vector.
   UserError on a bad setting or a model that does not load or does not fit the LCM."""
   from data_prep import sat, sonar  # pylint: disable=g-import-not-at-top
-  from lcm_jax import diffusion, torch_generate  # pylint: disable=g-import-not-at-top
-  from lcm_jax.generate import GenerationConfig  # pylint: disable=g-import-not-at-top
-  from lcm_jax.generate import latent_sampling_from_flags  # pylint: disable=g-import-not-at-top
+  from lcm_interop import reference, torch_generate  # pylint: disable=g-import-not-at-top
+  from lcm_jax import schedules  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from lcm_jax.generation_config import GenerationConfig, latent_sampling_from_flags
   temperature = 1.0 if a.temperature is None else a.temperature
   gen_cfg = GenerationConfig(max_len=a.max_len, min_gen_len=a.min_gen_len,
                              eot_threshold=max(a.eot_threshold, -1.0),
@@ -256,7 +259,7 @@ def load_models(a: argparse.Namespace) -> Models:
                                  a.sample_latent_variable, temperature,
                                  a.temperature is not None),
                              temperature=temperature)
-  sampler = diffusion.SamplerConfig(num_steps=a.sampler_steps, guidance_scale=a.guidance_scale,
+  sampler = schedules.SamplerConfig(num_steps=a.sampler_steps, guidance_scale=a.guidance_scale,
                                     guidance_rescale=a.guidance_rescale,
                                     initial_noise_scale=a.initial_noise_scale, eta=a.eta)
   gen_cfg.validate()
@@ -265,7 +268,7 @@ def load_models(a: argparse.Namespace) -> Models:
   with tempfile.TemporaryDirectory(prefix="text_generate-") as tmp:
     model = _load_model(a, device, tmp)
   cfg = model.config
-  if cfg.family == "two_tower_diffusion_lcm":
+  if reference.of(cfg).samples:  # a diffusion family: the DDIM settings apply
     sampler.validate(cfg.num_diffusion_train_steps)
   try:
     segmenter = sat.Segmenter(sat.load_sat(a.sat_model, a.sat_tokenizer, device=str(device)),
@@ -330,7 +333,7 @@ def generate_texts(m: Models, a: argparse.Namespace, prompts: Sequence[tuple[str
     UserError: no prompts, a blank constant sentence, a prompt without sentences, a language
       the encoder does not know.
   """
-  from lcm_jax.generate import STOP_REASONS  # pylint: disable=g-import-not-at-top
+  from lcm_jax.generation_config import STOP_REASONS  # pylint: disable=g-import-not-at-top
   if not prompts:
     raise UserError("no prompt: give --prompt and/or --prompt_file")
   prefix, suffix = list(prefix), list(suffix)

@@ -21,10 +21,14 @@ import re
 from typing import Any, Mapping
 
 from etils import epath
+import flax.linen as nn
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from lcm_jax import families
+from lcm_jax import sharding
 from lcm_jax.errors import UserError
 
 
@@ -279,9 +283,10 @@ class Checkpointer:
     if not saved or not isinstance(saved.get("model"), dict):
       return
     current = dict(model_config)
-    diffs = [f"{k}={saved['model'].get(k)!r} (the config has {current.get(k)!r})"
-             for k in sorted(set(saved["model"]) | set(current))
-             if k not in RESUMABLE_MODEL_FIELDS and saved["model"].get(k) != current.get(k)]
+    # Fields only one side has are not compared: earlier versions saved every family's fields.
+    diffs = [f"{k}={saved['model'][k]!r} (the config has {current[k]!r})"
+             for k in sorted(set(saved["model"]) & set(current))
+             if k not in RESUMABLE_MODEL_FIELDS and saved["model"][k] != current[k]]
     if diffs:
       raise CheckpointError(
           f"{os.path.join(self.directory, str(step))} was written with model "
@@ -299,3 +304,99 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings: restore places shards directly there."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a workdir's checkpoints from the tools (evaluate, generate, export, fine-tuning)
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+  """The checkpoint step to use in ``workdir`` (latest if ``step`` is None), checked to exist.
+
+  A step counts once Orbax finalised it (``_CHECKPOINT_METADATA``): a save killed half-way is
+  never picked up.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                 and os.path.isdir(os.path.join(directory, d))) if os.path.isdir(directory) else []
+  steps = [s for s in steps
+           if os.path.exists(os.path.join(directory, str(s), "_CHECKPOINT_METADATA"))]
+  if not steps:
+    raise CheckpointError(f"--workdir: {workdir} has no checkpoints ({directory} is missing or "
+                          "empty)")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"--step: {directory} has no checkpoint for step {step} (available: "
+                          f"{steps})")
+  return step
+
+
+def load_config(workdir: str, step: int) -> ml_collections.ConfigDict:
+  """The training config saved with checkpoint ``step`` of ``workdir``.
+
+  ``config.model`` keeps only its family's fields: configs saved by earlier versions carried
+  every family's fields.
+  """
+  ckpt = Checkpointer(workdir, create=False, async_save=False)
+  try:
+    saved = ckpt.saved_config(step)
+  finally:
+    ckpt.close()
+  meta = os.path.join(ckpt.directory, str(step), "meta")
+  if saved is None:
+    raise CheckpointError(f"{meta}: field 'config': missing or unreadable; pass --config")
+  config = ml_collections.ConfigDict(saved)
+  model = families.model_config(config.model, strict=False)
+  config.model = ml_collections.ConfigDict(
+      {k: v for k, v in config.model.to_dict().items() if k in families.of(model).fields})
+  return config
+
+
+def mesh_for(config: ml_collections.ConfigDict, devices: Any = None, *,
+             check_batch: bool = False) -> jax.sharding.Mesh:
+  """The mesh to restore a run onto THIS machine's ``devices`` (default: all): the run's own
+  ``config.mesh`` if it fits (and, with ``check_batch``, divides ``config.data``'s batch), else
+  all devices on ``fsdp`` (parameters sharded), else all on ``data``. Updates ``config.mesh`` to
+  the mesh chosen. Every tool that restores a run uses this one policy."""
+  candidates = [dict(config.mesh), {"data": 1, "fsdp": -1, "tensor": 1},
+                {"data": -1, "fsdp": 1, "tensor": 1}]
+  for i, axes in enumerate(candidates):
+    try:
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(axes), devices)
+      if check_batch:
+        sharding.check_batch(config.data.global_batch_size, mesh,
+                             config.optimizer.get("grad_accum_steps", 1))
+    except sharding.MeshError:
+      if i == len(candidates) - 1:
+        raise
+      continue
+    config.mesh.update(axes)
+    return mesh
+  raise AssertionError("unreachable")
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int,
+                      devices: Any = None) -> tuple[Any, dict[str, Any], jax.sharding.Mesh]:
+  """Builds the family's model and restores ``params``/``buffers`` of ``step`` onto ``devices``
+  (default: the local ones) with the run's sharding rules on :func:`mesh_for`'s mesh. Returns
+  ``(model, variables, mesh)``."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  model_cfg = families.model_config(config.model, strict=False)
+  mesh = mesh_for(config, devices)
+  model = families.of(model_cfg).build(model_cfg)
+
+  def init(rng: jax.Array) -> dict[str, Any]:
+    v = model.init({"params": rng, "dropout": rng}, *families.init_inputs(model_cfg, 2),
+                   deterministic=True)
+    return {"params": v["params"], "buffers": v.get("buffers", {})}
+
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract = abstract_with_shardings(nn.unbox(boxed), shardings)
+  ckpt = Checkpointer(workdir, create=False, async_save=False)
+  try:
+    variables = ckpt.restore_weights(step, abstract)
+  finally:
+    ckpt.close()
+  return model, variables, mesh
+

@@ -1,4 +1,4 @@
-r"""Teacher-forced next-concept evaluation (LCM_SPEC section 8), for both families.
+r"""Teacher-forced next-concept evaluation, for both families.
 
   python -m lcm_jax.evaluate --workdir=W [--step=S] [--data=DIR[:W],...] --out=FILE.json \
       [--batches=N] [--save_predictions=FILE.npz] [Two-Tower sampler flags] [--seed=0]
@@ -70,13 +70,23 @@ import os
 import time
 from typing import Any, Iterable, Optional
 
+from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import checkpoint as ckpt_lib
+from lcm_jax import data as data_lib
 from lcm_jax import diffusion
 from lcm_jax import errors
 from lcm_jax import fileio
+from lcm_jax import generate
+from lcm_jax import normalizer as normalizer_lib
+from lcm_jax import schema
+from lcm_jax import sharding
+from lcm_jax import train
+from lcm_jax.decoding import normalizer_buffers
 
 Array = jax.Array
 
@@ -244,20 +254,16 @@ class Evaluator:
   """
 
   def __init__(self, s: Any, settings: EvalSettings = EvalSettings()):
-    from lcm_jax import models  # pylint: disable=g-import-not-at-top
-    from lcm_jax import predict  # pylint: disable=g-import-not-at-top
-    from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
-    from lcm_jax import train  # pylint: disable=g-import-not-at-top
-    from lcm_jax.generate import normalizer_buffers  # pylint: disable=g-import-not-at-top
     self.setup, self.settings = s, settings
     cfg = s.model_cfg
-    two_tower = cfg.family == "two_tower_diffusion_lcm"
-    sampler = settings.sampler if two_tower else None
-    if two_tower and sampler is not None:
+    samples = s.family.samples
+    sampler = settings.sampler if samples else None
+    if samples and sampler is not None:
       sampler.validate(cfg.num_diffusion_train_steps)
     self.sampler = sampler
-    self.metrics = settings.metrics and (not two_tower or sampler is not None)
-    loss_fn = models.loss_fn(cfg)
+    self.metrics = settings.metrics and (not samples or sampler is not None)
+    loss_fn = s.family.loss
+    teacher_forced = s.family.teacher_forced
     rows = settings.contrastive_rows
     baselines = settings.baselines and self.metrics
     with_preds = settings.return_predictions and self.metrics
@@ -268,7 +274,7 @@ class Evaluator:
       out = {"loss_sum": loss_sum, "count": count, **{f"{k}_sum": v for k, v in aux.items()}}
       raw = None
       if self.metrics:
-        preds, _ = predict.teacher_forced(s.model, cfg, variables, batch, sampler=sampler, rng=rng)
+        preds, _ = teacher_forced(s.model, variables, batch, sampler=sampler, rng=rng)
         center, scale = normalizer_buffers(buffers)
         raw = preds * scale + center
         emb, seg, mask = batch["embeddings"], batch["segment_ids"], batch["target_mask"]
@@ -283,7 +289,7 @@ class Evaluator:
         return out, raw
       return out
 
-    batch_shardings = train.batch_shardings(s.mesh)
+    batch_shardings = sharding.batch_shardings(s.mesh)
     rep = sharding.replicated(s.mesh)
     out_shardings = (rep, sharding.batch_sharding(s.mesh, 3)) if with_preds else rep
     self._step = sharding.jit_under_mesh(
@@ -360,6 +366,22 @@ class Evaluator:
     return result
 
 
+def periodic(s: Any) -> Any:
+  """Training's periodic evaluation (``train.train_and_evaluate``'s ``make_evaluator``): an
+  :class:`Evaluator` with the ``config.train.eval_*`` settings, as ``evaluate(state,
+  num_batches) -> flat metrics`` over up to ``num_batches`` held-out batches (all if <= 0):
+  ``loss`` (the training objective), ``num_targets``, the loss extras (e.g.
+  ``prev_concept_loss``) and, unless ``config.train.eval_metrics`` is off, ``l2``,
+  ``contrastive_accuracy`` and ``paraphrasing`` in raw SONAR space."""
+  evaluator = Evaluator(s, settings_from_config(s.config))
+
+  def evaluate(state: dict[str, Any], num_batches: int) -> dict[str, float]:
+    result = evaluator.run(state["params"], state["buffers"],
+                           data_lib.make_eval_iterator(s.config), num_batches)
+    return flat_metrics(result)
+  return evaluate
+
+
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
   """:meth:`Evaluator.run`'s result as training's flat scalars: ``loss``, ``num_targets``, the
   loss extras and the model's ``l2`` / ``contrastive_accuracy`` / ``paraphrasing``."""
@@ -372,8 +394,6 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 # CLI
 
 def _define_flags() -> Any:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from lcm_jax.generate import define_sampler_flags  # pylint: disable=g-import-not-at-top
   f = flags
   f.DEFINE_string("workdir", None, "Training workdir whose checkpoints/ to restore.")
   f.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -393,25 +413,16 @@ def _define_flags() -> Any:
                   "Optional .npz: predictions (N, S) and targets (N, S) float32 in raw SONAR "
                   "space, doc_index (N,) and position (N,) (input of data_prep.eval_text "
                   "roundtrip).")
-  define_sampler_flags()
+  generate.define_sampler_flags()
   f.DEFINE_integer("seed", 0,
                    "PRNG seed of the Two-Tower's sampler (batch i uses fold_in(seed, i)).")
   return f.FLAGS
 
 
 def _setup_for_eval(config: Any):
-  """``train.setup`` on this machine's devices; the saved mesh if it fits, else data-parallel."""
-  from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from lcm_jax import train  # pylint: disable=g-import-not-at-top
-  try:
-    return train.setup(config)
-  except sharding.MeshError:
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-    try:
-      return train.setup(config)
-    except sharding.MeshError:
-      config.mesh.data, config.mesh.fsdp = 1, -1
-      return train.setup(config)
+  """``train.setup`` on this machine's devices, on :func:`lcm_jax.checkpoint.mesh_for`'s mesh."""
+  ckpt_lib.mesh_for(config, check_batch=True)
+  return train.setup(config)
 
 
 class _PredictionSink:
@@ -422,7 +433,6 @@ class _PredictionSink:
     self._pieces = 0
 
   def __call__(self, batch: dict[str, Array], preds: Array) -> None:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_count() > 1:
       get = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
     else:
@@ -451,10 +461,6 @@ class _PredictionSink:
 
 def run_cli(fv: Any) -> dict[str, Any]:
   """Everything the CLI does after flag parsing; returns the JSON report. Raises user errors."""
-  from lcm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from lcm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lcm_jax import schema  # pylint: disable=g-import-not-at-top
-  from lcm_jax import generate  # pylint: disable=g-import-not-at-top
   for name in ("workdir", "out"):
     if not fv[name].value:
       raise errors.UserError(f"--{name} is required")
@@ -466,8 +472,8 @@ def run_cli(fv: Any) -> dict[str, Any]:
       raise errors.UserError(f"--save_predictions {fv.save_predictions}: the same file as --out")
   if fv.batches < 0:
     raise errors.UserError(f"--batches: expected >= 0, got {fv.batches}")
-  step = generate.checkpoint_step(fv.workdir, fv.step)
-  config = generate.load_checkpoint_config(fv.workdir, step)
+  step = ckpt_lib.checkpoint_step(fv.workdir, fv.step)
+  config = ckpt_lib.load_config(fv.workdir, step)
   config.data.worker_count = 0
   if fv.batch_size is not None:
     if fv.batch_size < 1:
@@ -487,13 +493,13 @@ def run_cli(fv: Any) -> dict[str, Any]:
                  f"(config.data.eval_fraction={config.data.eval_fraction})")
   s = _setup_for_eval(config)
   family = s.model_cfg.family
-  two_tower = family == "two_tower_diffusion_lcm"
+  samples = s.family.samples
   sampler = generate.sampler_from_flags(
-      fv, s.model_cfg.num_diffusion_train_steps if two_tower else None)
+      fv, s.model_cfg.num_diffusion_train_steps if samples else None)
   if fv.contrastive_rows < 0:
     raise errors.UserError(f"--contrastive_rows: expected >= 0, got {fv.contrastive_rows}")
   rows = contrastive_rows_for(config, fv.contrastive_rows)
-  settings = EvalSettings(metrics=True, sampler=sampler if two_tower else None, baselines=True,
+  settings = EvalSettings(metrics=True, sampler=sampler if samples else None, baselines=True,
                           contrastive_rows=rows, seed=fv.seed,
                           return_predictions=bool(fv.save_predictions))
   # Validates the data before the (slower) restore: dims against the model, an empty eval set.
@@ -527,7 +533,7 @@ def run_cli(fv: Any) -> dict[str, Any]:
           "seq_len": int(config.data.seq_len), "max_doc_len": int(config.data.max_doc_len),
           "batches": fv.batches, "contrastive_rows": rows or int(config.data.global_batch_size),
           "seed": fv.seed, "space": "raw SONAR (denormalized)",
-          "sampler": dataclasses.asdict(sampler) if two_tower else None,
+          "sampler": dataclasses.asdict(sampler) if samples else None,
           "mean_concept": "mean of the evaluated target concepts",
       },
       "num_targets": int(result["num_targets"]),
@@ -536,14 +542,12 @@ def run_cli(fv: Any) -> dict[str, Any]:
       "seconds": round(time.time() - t0, 3),
   }
   if jax.process_index() == 0:
-    from lcm_jax.schema import write_file_atomic  # pylint: disable=g-import-not-at-top
     os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
-    write_file_atomic(fv.out, lambda f: f.write(json.dumps(_jsonable(report), indent=2) + "\n"),
-                      suffix=".json")
+    text = json.dumps(_jsonable(report), indent=2) + "\n"
+    schema.write_file_atomic(fv.out, lambda f: f.write(text), suffix=".json")
     if sink is not None:
-      from lcm_jax.normalizer import write_npz_atomic  # pylint: disable=g-import-not-at-top
       os.makedirs(os.path.dirname(os.path.abspath(fv.save_predictions)), exist_ok=True)
-      write_npz_atomic(fv.save_predictions, sink.arrays(s.model_cfg.sonar_embed_dim))
+      normalizer_lib.write_npz_atomic(fv.save_predictions, sink.arrays(s.model_cfg.sonar_embed_dim))
   return report
 
 

@@ -1,4 +1,4 @@
-r"""Concept generation with a KV cache (LCM_SPEC section 6): Base-LCM and Two-Tower, plus the CLI.
+r"""Concept generation with a KV cache, for every model family, plus the CLI.
 
   python -m lcm_jax.generate --workdir=W --prompts=prompts.npz --out=generated.npz \
       [--step=S] [--config=FILE[:VARIANT]] [--max_len=64 --min_gen_len=1] \
@@ -67,8 +67,6 @@ written. (``--out``'s missing parent directories are created.)
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -77,302 +75,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import diffusion
 from lcm_jax import errors
-from lcm_jax import layers
+from lcm_jax import families
 from lcm_jax import schema
+from lcm_jax.decoding import cosine, denormalize, latent_noise, normalizer_buffers, step_rng
+# The JAX-free settings, results and stop codes (shared with lcm_interop.torch_generate).
+from lcm_jax.generation_config import (EOT, MAX_LEN, REPETITION, RUNNING,  # noqa: F401
+                                       STOP_REASONS, GenerationConfig, GenerationResult,
+                                       latent_sampling_from_flags, may_stop_early, pad_prompts)
 from lcm_jax.models.config import ModelConfig
 from lcm_jax.normalizer import write_npz_atomic
 
 Array = jax.Array
 Variables = dict[str, Any]
+__all__ = ["Generator", "GenerationConfig", "GenerationResult", "generate", "pad_prompts",
+           "load_prompts", "load_eot_vector", "cosine", "denormalize", "latent_noise",
+           "normalizer_buffers", "step_rng"]
 
-STOP_REASONS = ("running", "eot", "repetition", "max_len")
-"""Stop reason codes: index = code. ``running`` only appears for rows that were never active."""
-RUNNING, EOT, REPETITION, MAX_LEN = range(4)
 LOOPS = ("while", "python")
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """Stopping rules and Base-LCM sampling. Frozen (usable as a jit static argument).
-
-  Names and semantics follow the reference's ``LCMGeneratorOptions`` / ``LCMGenerator.__call__``
-  (``max_len`` is its ``max_gen_len``), see :func:`may_stop_early`.
-  """
-
-  max_len: int = 64
-  """Most concepts generated per prompt (the reference's ``max_gen_len``)."""
-  min_gen_len: int = 1
-  """An EOT/repetition stop needs ``min_gen_len`` (>= 1) generated concepts BEFORE the one that
-  triggers it: the k-th generated concept (1-based) may stop a row only if
-  ``k > min_gen_len``, so the first generated concept never stops one (the reference's rule and
-  default, 1)."""
-  eot_threshold: float = 0.9
-  """Stop when cosine(concept, end-of-text vector) >= this (needs an end-of-text vector)."""
-  repetition_threshold: Optional[float] = None
-  """Stop when cosine(concept, previous concept) >= this; None = off (the paper uses 0.9)."""
-  sample_latent_variable: bool = False
-  """Base-LCM: add ``temperature * N(0, I)`` (normalized space) to each prediction. OFF by
-  default (deterministic, as the reference's evaluation recipes run it); the reference
-  generator's own default is on, with temperature 1.0."""
-  temperature: float = 1.0
-  """Base-LCM: the std of the latent noise when ``sample_latent_variable`` (the reference's
-  ``lcm_temperature``, default 1.0); 0 adds none."""
-
-  def validate(self) -> None:
-    """Raises :class:`~lcm_jax.errors.UserError` naming the field if a setting is out of range."""
-    for name, low in (("max_len", 1), ("min_gen_len", 1)):
-      v = getattr(self, name)
-      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
-        raise errors.UserError(f"GenerationConfig.{name}: expected an int >= {low}, got {v!r}")
-    if not -1.0 <= float(self.eot_threshold) <= 1.0:
-      raise errors.UserError(f"GenerationConfig.eot_threshold: expected a cosine in [-1, 1], got "
-                             f"{self.eot_threshold!r}")
-    if self.repetition_threshold is not None and not -1.0 <= float(
-        self.repetition_threshold) <= 1.0:
-      raise errors.UserError(f"GenerationConfig.repetition_threshold: expected a cosine in "
-                             f"[-1, 1] or None, got {self.repetition_threshold!r}")
-    if not isinstance(self.sample_latent_variable, (bool, np.bool_)):
-      raise errors.UserError(f"GenerationConfig.sample_latent_variable: expected a bool, got "
-                             f"{self.sample_latent_variable!r}")
-    if not float(self.temperature) >= 0.0:
-      raise errors.UserError(f"GenerationConfig.temperature: expected >= 0, got "
-                             f"{self.temperature!r}")
-
-  @property
-  def latent_noise_scale(self) -> float:
-    """The std of the Base-LCM latent noise actually added (0 = none)."""
-    return float(self.temperature) if self.sample_latent_variable else 0.0
-
-
-def may_stop_early(count: Any, config: GenerationConfig) -> Any:
-  """Whether the ``count``-th generated concept (1-based) may stop a row on EOT/repetition.
-
-  The reference (``LCMGenerator.finalize_step``) allows it when ``step_nr - prompt_len >=
-  min_gen_len``, where ``step_nr`` is the position of the concept being written (the first
-  generated one is at ``prompt_len``), i.e. ``count - 1 >= min_gen_len``.
-  """
-  return count - 1 >= config.min_gen_len
-
-
-@dataclasses.dataclass
-class GenerationResult:
-  """Generated concepts of one batch (host NumPy arrays)."""
-
-  embeddings: np.ndarray
-  """(B, max_len, S) float32, raw SONAR space; zeros past ``lengths[b]``."""
-  lengths: np.ndarray
-  """(B,) int32 number of generated concepts."""
-  stop_reasons: np.ndarray
-  """(B,) int32 codes into :data:`STOP_REASONS`."""
-
-  def reason_names(self) -> np.ndarray:
-    """``stop_reasons`` as strings."""
-    return np.asarray([STOP_REASONS[int(r)] for r in self.stop_reasons])
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-
-def pad_prompts(prompts: Sequence[np.ndarray], dim: int,
-                length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads prompts (each (n_i, dim), n_i >= 1) -> (B, L, dim) float32 and lengths (B,) int32.
-
-  ``length`` (default: the longest prompt) must be >= every n_i.
-  """
-  if not prompts:
-    raise errors.UserError("pad_prompts: no prompts")
-  lengths = []
-  for i, p in enumerate(prompts):
-    shape = np.shape(p)
-    if len(shape) != 2 or shape[1] != dim:
-      raise errors.UserError(f"prompt {i}: shape {shape}, expected (n, {dim})")
-    if shape[0] < 1:
-      raise errors.UserError(f"prompt {i}: empty prompt (0 concepts)")
-    lengths.append(shape[0])
-  longest = max(lengths)
-  length = longest if length is None else length
-  if length < longest:
-    raise errors.UserError(f"pad_prompts: length {length} < longest prompt {longest}")
-  out = np.zeros((len(prompts), length, dim), np.float32)
-  for i, p in enumerate(prompts):
-    out[i, :lengths[i]] = np.asarray(p, np.float32)
-  return out, np.asarray(lengths, np.int32)
-
-
-def normalizer_buffers(buffers: Any) -> tuple[Array, Array]:
-  """The (center, scale) of the model's frozen SONAR normalizer, found by name in ``buffers``."""
-  found: dict[str, Any] = {}
-
-  def visit(path: Any, leaf: Any) -> None:
-    name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-    if name in ("center", "scale"):
-      if name in found:
-        raise ValueError(f"normalizer_buffers: more than one {name!r} buffer")
-      found[name] = leaf
-
-  jax.tree_util.tree_map_with_path(visit, buffers)
-  if set(found) != {"center", "scale"}:
-    raise ValueError(f"normalizer_buffers: no center/scale buffers (found {sorted(found)})")
-  return found["center"], found["scale"]
-
-
-def denormalize(variables: Variables, x: Array) -> Array:
-  """Normalized (..., S) -> raw SONAR space with the model's buffers, float32."""
-  center, scale = normalizer_buffers(variables["buffers"])
-  return x.astype(jnp.float32) * scale + center
-
-
-def cosine(a: Array, b: Array, eps: float = 1e-8) -> Array:
-  """Cosine similarity over the last axis, float32: ``a.b / max(|a| |b|, eps)``."""
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
-  num = jnp.sum(a * b, axis=-1)
-  den = jnp.sqrt(jnp.sum(a * a, axis=-1)) * jnp.sqrt(jnp.sum(b * b, axis=-1))
-  return num / jnp.maximum(den, eps)
-
-
-def latent_noise(rng: Array, shape: tuple[int, ...]) -> Array:
-  """The N(0, I) draw that Base-LCM adds (times ``temperature``) to a prediction."""
-  return jax.random.normal(rng, shape, jnp.float32)
-
-
-def step_rng(rng: Array, k: Array | int) -> Array:
-  """The key used for generated concept ``k`` (0-based): ``fold_in(rng, k)``."""
-  return jax.random.fold_in(rng, k)
-
-
-def guided_denoise_fn(model: Any, variables: Variables, cross_k: Array, cross_v: Array,
-                      cond_mask: Array, uncond_mask: Array, guided: bool) -> Any:
-  """The ``denoise_fn`` that :func:`lcm_jax.diffusion.sample` calls, for a Two-Tower model.
-
-  ``cross_k``/``cross_v`` are (denoiser_layers, B, Lk, H, D); ``cond_mask``/``uncond_mask`` are
-  (B, 1, Lq, Lk) cross-attention masks of the conditional and unconditional (zero slot only)
-  halves; the noisy queries are (B, Lq, S). With ``guided`` both halves run as one batch of 2B.
-  """
-  from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
-  batch, q_len = cond_mask.shape[0], cond_mask.shape[2]
-  if guided:  # built once, outside the sampler's loop
-    k2, v2 = (jnp.concatenate([a, a], axis=1) for a in (cross_k, cross_v))
-    mask2 = jnp.concatenate([cond_mask, uncond_mask], axis=0)
-
-  def denoise_fn(x_t: Array, t: Array, with_uncond: bool) -> Any:
-    if with_uncond:
-      x2 = jnp.concatenate([x_t, x_t], axis=0)
-      ts = jnp.full((2 * batch, q_len), t, jnp.int32)
-      out = model.apply(variables, x2, ts, k2, v2, mask2, deterministic=True,
-                        method=TwoTowerLCM.denoise)
-      return out[:batch], out[batch:]
-    ts = jnp.full((batch, q_len), t, jnp.int32)
-    return model.apply(variables, x_t, ts, cross_k, cross_v, cond_mask, deterministic=True,
-                       method=TwoTowerLCM.denoise)
-
-  return denoise_fn
-
-
-def two_tower_predict(model: Any, variables: Variables, cross_k: Array, cross_v: Array,
-                      query_pos: Array, rng: Array, sampler: diffusion.SamplerConfig,
-                      alpha_bar: np.ndarray) -> Array:
-  """Samples one concept per row with the Two-Tower denoiser; returns normalized x0 (B, S).
-
-  ``cross_k``/``cross_v`` are (denoiser_layers, B, Lk, H, D) with the zero slot at index 0 and the
-  context of document position ``j`` at index ``j + 1``; ``query_pos`` (B,) is the position of
-  the concept being generated: the conditional half sees slots ``<= query_pos`` (zero slot +
-  context positions ``< query_pos``), the unconditional half slot 0 only.
-  """
-  batch, lk = cross_k.shape[1], cross_k.shape[2]
-  slots = jnp.arange(lk, dtype=jnp.int32)
-  cond = (slots[None, :] <= query_pos.astype(jnp.int32)[:, None])[:, None, None, :]
-  uncond = jnp.broadcast_to((slots == 0)[None, None, None, :], cond.shape)
-  denoise_fn = guided_denoise_fn(model, variables, cross_k, cross_v, cond, uncond,
-                                 sampler.guidance_scale != 1.0)
-  x0 = diffusion.sample(denoise_fn, rng, (batch, 1, model.config.sonar_embed_dim), alpha_bar,
-                        sampler)
-  return x0[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-family decoders: start (prefill + first concept) and advance (feed one concept + next one)
-
-def _prefill_inputs(cfg: Any, prompts: Array, total: int) -> tuple[Any, Array, Array]:
-  """An empty KV cache of ``total`` slots, the prompts' positions (0..L-1) and cache offsets (0)."""
-  batch, plen = prompts.shape[:2]
-  cache = layers.init_cache(cfg, batch, total)
-  positions = jnp.broadcast_to(jnp.arange(plen, dtype=jnp.int32), (batch, plen))
-  return cache, positions, jnp.zeros((batch,), jnp.int32)
-
-
-class _BaseLCMDecoder:
-  """Base-LCM: the state is the ``lcm`` stack's KV cache."""
-
-  def __init__(self, model: Any, gen: GenerationConfig):
-    self.model = model
-    self.temperature = gen.latent_noise_scale
-
-  def _concept(self, variables: Variables, pred: Array, rng: Array) -> Array:
-    if self.temperature > 0:
-      pred = pred + self.temperature * latent_noise(rng, pred.shape)
-    return denormalize(variables, pred)
-
-  def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
-            rng: Array) -> tuple[Any, Array]:
-    cache, positions, index = _prefill_inputs(self.model.config, prompts, total)
-    preds, _, cache = self.model.apply(variables, prompts, None, positions, cache=cache,
-                                       cache_index=index)
-    last = jnp.take_along_axis(preds, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return cache, self._concept(variables, last, rng)
-
-  def advance(self, variables: Variables, cache: Any, concept: Array, slot: Array,
-              rng: Array) -> tuple[Any, Array]:
-    preds, _, cache = self.model.apply(variables, concept[:, None], None, slot[:, None],
-                                       cache=cache, cache_index=slot)
-    return cache, self._concept(variables, preds[:, 0], rng)
-
-
-class _TwoTowerDecoder:
-  """Two-Tower: contextualizer KV cache + per-row cross-attention K/V buffer."""
-
-  def __init__(self, model: Any, sampler: diffusion.SamplerConfig):
-    self.model = model
-    self.sampler = sampler
-    self.alpha_bar = diffusion.alpha_bar_from_config(model.config)
-
-  def _concept(self, variables: Variables, state: dict[str, Any], query_pos: Array,
-               rng: Array) -> Array:
-    x0 = two_tower_predict(self.model, variables, state["cross_k"], state["cross_v"], query_pos,
-                           rng, self.sampler, self.alpha_bar)
-    return denormalize(variables, x0)
-
-  def start(self, variables: Variables, prompts: Array, lengths: Array, total: int,
-            rng: Array) -> tuple[Any, Array]:
-    from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
-    batch, plen = prompts.shape[:2]
-    cache, positions, index = _prefill_inputs(self.model.config, prompts, total)
-    context, _, cache = self.model.apply(
-        variables, prompts, None, positions, cache=cache, cache_index=index, deterministic=True,
-        method=TwoTowerLCM.contextualize)
-    k, v = self.model.apply(variables, context, prepend_zero=True, method=TwoTowerLCM.cross_kv)
-    shape = (k.shape[0], batch, total + 1) + k.shape[3:]
-    state = {"cache": cache,
-             "cross_k": jnp.zeros(shape, k.dtype).at[:, :, :plen + 1].set(k),
-             "cross_v": jnp.zeros(shape, v.dtype).at[:, :, :plen + 1].set(v)}
-    return state, self._concept(variables, state, lengths, rng)
-
-  def advance(self, variables: Variables, state: dict[str, Any], concept: Array, slot: Array,
-              rng: Array) -> tuple[Any, Array]:
-    from lcm_jax.models.two_tower import TwoTowerLCM  # pylint: disable=g-import-not-at-top
-    context, _, cache = self.model.apply(
-        variables, concept[:, None], None, slot[:, None], cache=state["cache"], cache_index=slot,
-        deterministic=True, method=TwoTowerLCM.contextualize)
-    k, v = self.model.apply(variables, context, prepend_zero=False, method=TwoTowerLCM.cross_kv)
-    write = jax.vmap(layers.update_cache, in_axes=(0, 0, None))
-    state = {"cache": cache, "cross_k": write(state["cross_k"], k, slot + 1),
-             "cross_v": write(state["cross_v"], v, slot + 1)}
-    return state, self._concept(variables, state, slot + 1, rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,14 +120,11 @@ class Generator:
     if loop not in LOOPS:
       raise ValueError(f"Generator: loop {loop!r} not in {LOOPS}")
     self.model, self.config, self.loop = model, config, loop
-    if cfg.family == "base_lcm":
-      self._decoder: Any = _BaseLCMDecoder(model, config)
-    elif cfg.family == "two_tower_diffusion_lcm":
+    family = families.of(cfg)
+    if family.samples:
       sampler = sampler or diffusion.SamplerConfig()
       sampler.validate(cfg.num_diffusion_train_steps)
-      self._decoder = _TwoTowerDecoder(model, sampler)
-    else:
-      raise ValueError(f"Generator: unknown model family {cfg.family!r}")
+    self._decoder: Any = family.decoder(model, config.latent_noise_scale, sampler)
     self.has_eot = eot_vector is not None
     dim = cfg.sonar_embed_dim
     if eot_vector is None:
@@ -628,114 +347,33 @@ def save_outputs(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def checkpoint_step(workdir: str, step: Optional[int]) -> int:
-  """The checkpoint step to use in ``workdir`` (latest if ``step`` is None), checked to exist."""
-  from lcm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()
-                 and os.path.isdir(os.path.join(directory, d))) if os.path.isdir(directory) else []
-  steps = [s for s in steps
-           if os.path.exists(os.path.join(directory, str(s), "_CHECKPOINT_METADATA"))]
-  if not steps:
-    raise CheckpointError(f"--workdir: {workdir} has no checkpoints ({directory} is missing or "
-                          "empty)")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise CheckpointError(f"--step: {directory} has no checkpoint for step {step} (available: "
-                          f"{steps})")
-  return step
-
-
-def load_checkpoint_config(workdir: str, step: int) -> Any:
-  """The training config saved in the checkpoint's ``meta`` item (an ``ml_collections`` dict)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from lcm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                              item_handlers={"meta": ocp.JsonCheckpointHandler()})
-  try:
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{directory}/{step}/meta: cannot read the saved config "
-                          f"({type(e).__name__}: {str(e)[:200]}); pass --config") from None
-  finally:
-    mgr.close()
-  if not isinstance(meta, dict) or "config" not in meta:
-    raise CheckpointError(f"{directory}/{step}/meta: field 'config': missing; pass --config")
-  return ml_collections.ConfigDict(json.loads(meta["config"]))
-
-
-def restore_weights(config: Any, workdir: str, step: int,
-                    devices: Optional[Sequence[Any]] = None) -> tuple[Any, Variables, Any]:
-  """Builds the model and restores ``params``/``buffers`` of ``step`` onto ``devices`` (default
-  the local devices) with the run's sharding rules. Returns ``(model, variables, mesh)``.
-
-  The mesh is ``config.mesh`` over these devices; if it does not fit them, parameters are
-  sharded over all of them on the ``fsdp`` axis.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from lcm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from lcm_jax import models  # pylint: disable=g-import-not-at-top
-  from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
-  devices = list(devices if devices is not None else jax.local_devices())
-  model_cfg = ModelConfig.from_config(config.model)
-  try:
-    mesh = sharding.make_mesh(config.mesh, devices)
-  except sharding.MeshError:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}),
-                              devices)
-  model = models.build(model_cfg)
-
-  def init(rng: Array) -> Variables:
-    dummy = (jnp.zeros((1, 2, model_cfg.sonar_embed_dim), jnp.float32),
-             jnp.ones((1, 2), jnp.int32), jnp.arange(2, dtype=jnp.int32)[None])
-    v = model.init({"params": rng, "dropout": rng}, *dummy, deterministic=True)
-    return {"params": v["params"], "buffers": v.get("buffers", {})}
-
-  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), shardings)
-  ckpt = ckpt_lib.Checkpointer(workdir, create=False, async_save=False)
-  try:
-    variables = ckpt.restore_weights(step, abstract)
-  finally:
-    ckpt.close()
-  return model, variables, mesh
-
-
-# ----------------------------------------------------------------------------------------------
 # CLI
 
 def define_sampler_flags() -> None:
-  """The Two-Tower DDIM flags (defaults: the paper's, :class:`lcm_jax.diffusion.SamplerConfig`;
+  """The diffusion families' DDIM flags (defaults: the paper's, :class:`lcm_jax.diffusion.SamplerConfig`;
   the clipping/thresholding flags carry the reference's names and defaults)."""
   from absl import flags as f  # pylint: disable=g-import-not-at-top
   d = diffusion.SamplerConfig()
-  f.DEFINE_integer("num_steps", d.num_steps, "Two-Tower: DDIM inference steps.")
-  f.DEFINE_float("guidance_scale", d.guidance_scale, "Two-Tower: classifier-free guidance g.")
-  f.DEFINE_float("guidance_rescale", d.guidance_rescale, "Two-Tower: guidance rescale in [0, 1].")
-  f.DEFINE_float("initial_noise_scale", d.initial_noise_scale, "Two-Tower: initial noise std.")
-  f.DEFINE_float("epsilon_scaling", d.epsilon_scaling, "Two-Tower: epsilon is divided by this.")
-  f.DEFINE_float("eta", d.eta, "Two-Tower: DDIM eta (0 = deterministic).")
+  f.DEFINE_integer("num_steps", d.num_steps, "diffusion families: DDIM inference steps.")
+  f.DEFINE_float("guidance_scale", d.guidance_scale, "diffusion families: classifier-free guidance g.")
+  f.DEFINE_float("guidance_rescale", d.guidance_rescale, "diffusion families: guidance rescale in [0, 1].")
+  f.DEFINE_float("initial_noise_scale", d.initial_noise_scale, "diffusion families: initial noise std.")
+  f.DEFINE_float("epsilon_scaling", d.epsilon_scaling, "diffusion families: epsilon is divided by this.")
+  f.DEFINE_float("eta", d.eta, "diffusion families: DDIM eta (0 = deterministic).")
   f.DEFINE_enum("timestep_spacing", d.timestep_spacing, list(diffusion.TIMESTEP_SPACINGS),
-                "Two-Tower: DDIM timestep spacing (trailing_reference = the reference's list).")
-  f.DEFINE_float("clip_noise", d.clip_noise, "Two-Tower: the latent (initial noise and x after "
+                "diffusion families: DDIM timestep spacing (trailing_reference = the reference's list).")
+  f.DEFINE_float("clip_noise", d.clip_noise, "diffusion families: the latent (initial noise and x after "
                  "every DDIM step) is clipped to +-clip_noise (the reference's default 100).")
-  f.DEFINE_boolean("clip_sample", d.clip_sample, "Two-Tower: static thresholding: clip each "
+  f.DEFINE_boolean("clip_sample", d.clip_sample, "diffusion families: static thresholding: clip each "
                    "step's x0 to +-clip_sample_range (diffusers' DDIM clip_sample).")
-  f.DEFINE_float("clip_sample_range", d.clip_sample_range, "Two-Tower: the clip_sample bound.")
-  f.DEFINE_boolean("thresholding", d.thresholding, "Two-Tower: dynamic thresholding of each "
+  f.DEFINE_float("clip_sample_range", d.clip_sample_range, "diffusion families: the clip_sample bound.")
+  f.DEFINE_boolean("thresholding", d.thresholding, "diffusion families: dynamic thresholding of each "
                    "step's x0 (diffusers' DDIM): s = clip(quantile(|x0|, "
                    "dynamic_thresholding_ratio), 1, sample_max_value), x0 = clip(x0, -s, s) / s.")
   f.DEFINE_float("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio,
-                 "Two-Tower: the quantile of --thresholding.")
+                 "diffusion families: the quantile of --thresholding.")
   f.DEFINE_float("sample_max_value", d.sample_max_value,
-                 "Two-Tower: the largest s of --thresholding (>= 1).")
+                 "diffusion families: the largest s of --thresholding (>= 1).")
 
 
 SAMPLER_FLAGS = ("num_steps", "guidance_scale", "guidance_rescale", "initial_noise_scale",
@@ -756,16 +394,6 @@ def sampler_from_flags(fv: Any, num_train_steps: Optional[int]) -> diffusion.Sam
     except ValueError as e:
       raise errors.UserError(f"bad sampler flag: {e}") from None
   return sampler
-
-
-def latent_sampling_from_flags(sample_flag: Optional[bool], temperature: float,
-                               temperature_given: bool) -> bool:
-  """``sample_latent_variable`` of a tool's flags: the flag when given; otherwise on exactly when
-  a temperature > 0 was given explicitly (as ``--temperature=T`` alone samples in the reference,
-  whose default is on), off when neither is given (our default)."""
-  if sample_flag is not None:
-    return bool(sample_flag)
-  return bool(temperature_given and temperature > 0)
 
 
 def _define_flags() -> Any:
@@ -838,16 +466,17 @@ def run_cli(flag_values: Any) -> dict[str, Any]:
     raise errors.UserError(f"bad generation flag: {e}") from None
   if fv.batch_size < 1:
     raise errors.UserError(f"--batch_size: expected >= 1, got {fv.batch_size}")
-  step = checkpoint_step(fv.workdir, fv.step)
-  config = fv.config if fv.config is not None else load_checkpoint_config(fv.workdir, step)
-  model_cfg = ModelConfig.from_config(config.model)
-  sampler = sampler_from_flags(fv, model_cfg.num_diffusion_train_steps)
+  step = ckpt_lib.checkpoint_step(fv.workdir, fv.step)
+  config = fv.config if fv.config is not None else ckpt_lib.load_config(fv.workdir, step)
+  model_cfg = families.model_config(config.model)
+  sampler = sampler_from_flags(
+      fv, model_cfg.num_diffusion_train_steps if families.of(model_cfg).samples else None)
   dim = model_cfg.sonar_embed_dim
   ids, prompts = load_prompts(fv.prompts, dim)
   eot = load_eot_vector(fv.eot_vector, dim) if fv.eot_vector else None
 
   t0 = time.time()
-  model, variables, mesh = restore_weights(config, fv.workdir, step)
+  model, variables, mesh = ckpt_lib.restore_variables(config, fv.workdir, step)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = -(-fv.batch_size // shards) * shards
   generator = Generator(model, gen, sampler=sampler, eot_vector=eot, loop=fv.loop)

@@ -1,4 +1,4 @@
-"""The shared transformer block (LCM_SPEC section 3): Base-LCM body and Two-Tower contextualizer.
+"""The shared transformer block: Base-LCM body and Two-Tower contextualizer.
 
 Building blocks, each small and reusable by the Two-Tower denoiser:
   * :class:`RMSNorm` (float32 maths, ``weight`` only);
@@ -63,7 +63,7 @@ _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 # ----------------------------------------------------------------------------------------------
-# Initialisers (the reference's, LCM_SPEC section 3). Dense kernels are (fan_in, fan_out).
+# Initialisers (the reference's). Dense kernels are (fan_in, fan_out).
 
 def xavier_uniform(gain: float = 1.0) -> Initializer:
   """torch ``xavier_uniform_(w, gain)``: U(-b, b), ``b = gain * sqrt(6 / (fan_in + fan_out))``."""

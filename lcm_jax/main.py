@@ -33,10 +33,16 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
+from lcm_jax import distributed
 from lcm_jax import errors
+from lcm_jax import evaluate
+from lcm_jax import families
 from lcm_jax import fileio
+from lcm_jax import synthetic
+from lcm_jax import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "mse_1b6.py") + ":tiny"
@@ -73,24 +79,16 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdir", f"{name}_{variant}" if variant else name)
 
 
-def _layers(cfg) -> str:
-  if cfg.family == "two_tower_diffusion_lcm":
-    return (f"{cfg.num_layers} contextualizer + {cfg.denoiser_num_layers} denoiser "
-            f"(T={cfg.num_diffusion_train_steps}, {cfg.beta_schedule})")
-  return str(cfg.num_layers)
-
-
 def describe(config) -> str:
   """Parameter count and FLOPs per concept, from shapes only (``jax.eval_shape``)."""
-  from lcm_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from lcm_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  cfg = ModelConfig.from_config(config.model)
-  n = flops_lib.param_count(cfg)
-  f = flops_lib.train_flops_per_concept(cfg, config.data.seq_len)
+  cfg = families.model_config(config.model)
+  family = families.of(cfg)
+  n = families.param_count(cfg)
+  f = family.train_flops_per_concept(cfg, config.data.seq_len)
   lines = [
-      f"model family          {cfg.family}",
-      f"model_dim / layers    {cfg.model_dim} / {_layers(cfg)} ({cfg.num_heads} heads, "
-      f"head_dim {cfg.head_dim})",
+      f"model family          {cfg.family} ({family.title})",
+      f"model_dim / layers    {cfg.model_dim} / {family.describe_layers(cfg)} ({cfg.num_heads} "
+      f"heads, head_dim {cfg.head_dim})",
       f"SwiGLU inner dim      {cfg.swiglu_inner_dim} (ffn_inner_dim {cfg.ffn_inner_dim})",
       f"parameters            {n:,} ({n / 1e9:.4f} B; trainable, excluding the "
       f"2 x {cfg.sonar_embed_dim} normalizer buffers)",
@@ -107,7 +105,6 @@ def _maybe_generate_data(config) -> None:
   corpus = config.data.get("synthetic_corpus", "")
   if not corpus or config.data.train != corpus:
     return
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top  (torch-free, but optional)
   synthetic.ensure_corpus(corpus, dim=config.model.sonar_embed_dim, seed=config.seed,
                           num_docs=SYNTHETIC_DOCS)
 
@@ -155,7 +152,6 @@ def main(argv) -> int:
   except errors.USER_ERRORS as e:
     return errors.report(e)
 
-  from lcm_jax import distributed  # pylint: disable=g-import-not-at-top  (keeps describe light)
   try:
     distributed.initialize(_F["distributed"].value, _F["distributed_timeout"].value)
     # Processes started with different configs would fail later in obscure ways.
@@ -164,16 +160,14 @@ def main(argv) -> int:
                       _F["distributed_timeout"].value)
   except distributed.DistributedError as e:
     return errors.report(e)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # progress and info lines come from process 0 only
-  from lcm_jax import train  # pylint: disable=g-import-not-at-top  (keeps describe light)
   logging.info("workdir: %s", os.path.abspath(workdir))
   logging.info("%s", distributed.describe_devices())
   try:
     train.check_config(config)
     _maybe_generate_data(config)
-    metrics = train.train_and_evaluate(config, workdir)
+    metrics = train.train_and_evaluate(config, workdir, evaluate.periodic)
   except errors.USER_ERRORS as e:
     return errors.report(e)
   except train.TrainingDiverged as e:
@@ -194,11 +188,15 @@ def _is_unknown_override(e: BaseException) -> bool:
 
 def _unknown_override(e: Exception) -> str:
   """The message for a ``--config.a.b=...`` override of a field the config does not have."""
-  key = str(e).strip("'\"")
+  inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
+  text = inner.args[0] if inner.args else str(inner)
+  first, _, hint = str(text).partition("\n")
+  key = first.strip("'\"\\ ")
   overrides = [a.split("=", 1)[0].lstrip("-") for a in sys.argv[1:] if a.startswith("--config.")]
   named = [o for o in overrides if key in o.split(".")] or overrides
-  return (f"--{named[0] if named else 'config'}: the config has no field {key!r} "
-          "(see the recipe in configs/ and configs/base.py)")
+  return (f"--{named[0] if named else 'config'}: the config has no field {key!r}"
+          + (f" ({hint.strip()})" if hint.strip() else "")
+          + " (the recipe in configs/ and configs/base.py list the fields)")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

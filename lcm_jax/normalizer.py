@@ -1,4 +1,4 @@
-"""The frozen SONAR normalizer every LCM owns (LCM_SPEC section 2), in numpy.
+"""The frozen SONAR normalizer every LCM owns, in numpy.
 
 ``normalize(x) = (x - center) / scale`` and ``denormalize`` its inverse, with an optional per-dim
 clamp to ``[clip_min, clip_max]`` in NORMALIZED space (after normalizing, before denormalizing), as

@@ -125,3 +125,12 @@ def jit_under_mesh(fn, mesh: Mesh, **jit_kwargs):
       return jitted(*args)
   call.jitted = jitted
   return call
+
+
+# The arrays of a global batch (lcm_jax.data's keys) and their ranks.
+BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask": 2}
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  """The shardings of a global batch's arrays over ``data x fsdp`` (train and eval steps)."""
+  return {k: batch_sharding(mesh, nd) for k, nd in BATCH_NDIM.items()}

@@ -13,11 +13,12 @@ import json
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,10 +27,9 @@ import optax
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import data as data_lib
 from lcm_jax import errors
+from lcm_jax import families
 from lcm_jax import metrics as metrics_lib
-from lcm_jax import models
 from lcm_jax import sharding
-from lcm_jax.models import flops as flops_lib
 from lcm_jax.models.config import ModelConfig
 from lcm_jax.normalizer import Normalizer
 
@@ -98,6 +98,7 @@ class Setup:
   """Everything derived from the config that the loop, eval and tools need."""
   config: ml_collections.ConfigDict
   model_cfg: ModelConfig
+  family: families.Family
   model: nn.Module
   mesh: jax.sharding.Mesh
   tx: optax.GradientTransformation
@@ -105,15 +106,10 @@ class Setup:
   state_shardings: State
 
 
-def _dummy_inputs(model_cfg: ModelConfig, seq_len: int):
-  return (jnp.zeros((1, seq_len, model_cfg.sonar_embed_dim), jnp.float32),
-          jnp.ones((1, seq_len), jnp.int32), jnp.arange(seq_len, dtype=jnp.int32)[None])
-
-
 def _boxed_init(model, model_cfg, tx, seq_len, seed):
   def init(rng):
-    variables = model.init({"params": rng, "dropout": rng}, *_dummy_inputs(model_cfg, seq_len),
-                           deterministic=True)
+    variables = model.init({"params": rng, "dropout": rng},
+                           *families.init_inputs(model_cfg, seq_len), deterministic=True)
     params = variables["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "buffers": variables.get("buffers", {}), "opt_state": tx.init(params),
@@ -122,17 +118,18 @@ def _boxed_init(model, model_cfg, tx, seq_len, seed):
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
-  model_cfg = ModelConfig.from_config(config.model)
+  model_cfg = families.model_config(config.model)
+  family = families.of(model_cfg)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.global_batch_size, mesh, config.optimizer.grad_accum_steps)
-  model = models.build(model_cfg)
+  model = family.build(model_cfg)
   tx = make_optimizer(config.optimizer)
   init = _boxed_init(model, model_cfg, tx, config.data.seq_len, config.seed)
   boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   logical = nn.get_partition_spec(boxed)
   shardings = sharding.logical_to_sharding(logical, mesh)
   abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), shardings)
-  return Setup(config, model_cfg, model, mesh, tx, abstract, shardings)
+  return Setup(config, model_cfg, family, model, mesh, tx, abstract, shardings)
 
 
 def init_state(s: Setup, normalizer: Normalizer | None = None) -> State:
@@ -141,13 +138,14 @@ def init_state(s: Setup, normalizer: Normalizer | None = None) -> State:
   state = sharding.jit_under_mesh(lambda k: nn.unbox(init(k)), s.mesh,
                                   out_shardings=s.state_shardings)(jax.random.PRNGKey(s.config.seed))
   if normalizer is not None:
-    state["buffers"] = set_normalizer(state["buffers"], normalizer, s.state_shardings["buffers"])
+    state["buffers"] = set_frozen_buffers(state["buffers"], s.family.frozen_buffers(normalizer),
+                                          s.state_shardings["buffers"])
   return state
 
 
-def set_normalizer(buffers, normalizer: Normalizer, shardings):
-  """Puts the normalizer's center/scale into every ``*/center`` and ``*/scale`` buffer."""
-  values = {"center": normalizer.center, "scale": normalizer.scale}
+def set_frozen_buffers(buffers, values: dict[str, np.ndarray], shardings):
+  """Puts ``values[name]`` into every buffer leaf called ``name`` (the family's frozen buffers,
+  e.g. the normalizer's ``center``/``scale``), placed with ``shardings``."""
 
   def put(path, leaf, shard):
     name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
@@ -155,8 +153,8 @@ def set_normalizer(buffers, normalizer: Normalizer, shardings):
       return leaf
     v = np.asarray(values[name], np.float32)
     if v.shape != leaf.shape:
-      raise errors.UserError(f"normalizer: field '{name}' has shape {v.shape}, the model expects "
-                       f"{leaf.shape} (config.model.sonar_embed_dim)")
+      raise errors.UserError(f"frozen buffer '{name}' (normalizer field) has shape {v.shape}, "
+                             f"the model expects {leaf.shape} (config.model.sonar_embed_dim)")
     return jax.device_put(v, shard)
   return jax.tree_util.tree_map_with_path(put, buffers, shardings)
 
@@ -191,7 +189,7 @@ def make_train_step(s: Setup):
   loss and gradient sums are accumulated and divided by the total target count, so the result
   equals the single large batch (up to float summation order).
   """
-  loss_fn = models.loss_fn(s.model_cfg)
+  loss_fn = s.family.loss
   accum = s.config.optimizer.grad_accum_steps
   deterministic = s.model_cfg.dropout == 0.0
   schedule = lr_schedule(s.config.optimizer)
@@ -240,39 +238,9 @@ def make_train_step(s: Setup):
     return new_state, metrics
 
   return sharding.jit_under_mesh(step, s.mesh,
-                                 in_shardings=(s.state_shardings, batch_shardings(s.mesh)),
+                                 in_shardings=(s.state_shardings, sharding.batch_shardings(s.mesh)),
                                  out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
                                  donate_argnums=0)
-
-
-_BATCH_NDIM = {"embeddings": 3, "segment_ids": 2, "positions": 2, "target_mask": 2}
-
-
-def batch_shardings(mesh: Any) -> dict[str, Any]:
-  """The shardings of a global batch's arrays (:mod:`lcm_jax.data`'s keys) over data x fsdp."""
-  return {k: sharding.batch_sharding(mesh, nd) for k, nd in _BATCH_NDIM.items()}
-
-
-def make_eval_step(s: Setup):
-  """The periodic-eval function: an :class:`lcm_jax.evaluate.Evaluator` with the
-  ``config.train.eval_*`` settings. ``eval_step(params, buffers, global_batch)`` returns the
-  batch's sums (``loss_sum``, ``count``, the loss's extra ``*_sum`` values and, with metrics,
-  ``model/*`` sums of :func:`lcm_jax.evaluate.metric_sums`)."""
-  from lcm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  return eval_lib.Evaluator(s, eval_lib.settings_from_config(s.config))
-
-
-def evaluate(s: Setup, eval_step, state: State, num_batches: int) -> dict[str, float]:
-  """Teacher-forced eval over up to ``num_batches`` held-out batches (all if <= 0).
-
-  Returns ``loss`` (the training objective), ``num_targets``, the loss extras (e.g.
-  ``prev_concept_loss``) and, unless ``config.train.eval_metrics`` is off, ``l2``,
-  ``contrastive_accuracy`` and ``paraphrasing`` in raw SONAR space (see :mod:`lcm_jax.evaluate`).
-  """
-  from lcm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  result = eval_step.run(state["params"], state["buffers"], data_lib.make_eval_iterator(s.config),
-                         num_batches)
-  return eval_lib.flat_metrics(result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +271,6 @@ class _Preemption:
   def any_process(self) -> bool:
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
@@ -385,10 +352,18 @@ class _NonFiniteGuard:
                            f"{', '.join(bad[:3])}{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+# The periodic evaluation the trainer runs: built once from the Setup, then called as
+# ``evaluate(state, num_batches) -> flat metrics``. lcm_jax.evaluate.periodic is the standard one.
+EvaluatorFactory = Callable[[Setup], Callable[[State, int], dict[str, float]]]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       make_evaluator: EvaluatorFactory | None = None) -> dict[str, float]:
   """Trains until ``config.train.num_steps``, resuming from the latest checkpoint in ``workdir``.
 
-  Returns the final eval metrics.
+  Every ``config.train.eval_every`` steps and at the end, ``make_evaluator(setup)``'s function
+  evaluates the state (``lcm_jax.main`` passes :func:`lcm_jax.evaluate.periodic`; None: no
+  evaluation). Returns the final eval metrics.
   """
   check_config(config)
   s = setup(config)
@@ -418,19 +393,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(state["step"])
     meta = {"config": config.to_json(), "mesh": dict(s.mesh.shape), "normalizer": normalizer_path}
     guard = _NonFiniteGuard(s, ckpt, writer, skipped)
-    return _loop(s, state, start, train_iter, ckpt, writer, meta, guard)
+    evaluate = make_evaluator(s) if make_evaluator is not None and config.train.eval_every else None
+    return _loop(s, state, start, train_iter, ckpt, writer, meta, guard, evaluate)
   finally:
     ckpt.close()
     writer.close()
 
 
 def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer, meta,
-          guard: _NonFiniteGuard):
+          guard: _NonFiniteGuard, evaluate):
   cfg = s.config
   total = cfg.train.num_steps
   train_step = make_train_step(s)
-  eval_step = make_eval_step(s)
-  flops_per_concept = flops_lib.train_flops_per_concept(s.model_cfg, cfg.data.seq_len)
+  flops_per_concept = s.family.train_flops_per_concept(s.model_cfg, cfg.data.seq_len)
   concepts_per_step = cfg.data.global_batch_size * cfg.data.seq_len
   peak = metrics_lib.peak_flops_per_device(cfg.train.peak_flops) * jax.device_count()
   progress = metrics_lib.Progress(total, start)
@@ -460,8 +435,8 @@ def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer
         if jax.process_index() == 0:
           logging.info("%s", progress.line(step, float(m["loss"])))
         t_last, steps_since, real_concepts = time.time(), 0, 0.0
-      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
-        eval_metrics = evaluate(s, eval_step, state, cfg.train.eval_batches)
+      if evaluate is not None and (step % cfg.train.eval_every == 0 or step == total):
+        eval_metrics = evaluate(state, cfg.train.eval_batches)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()}, console=True)
         t_last = time.time()
       stop = preempt.any_process()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv (if needed) and runs the whole test suite on CPU with 8 fake devices.
 # XManager lives in its own environment, .xmvenv (it pins protobuf < 7, the project >= 7), built
-# from launch/requirements-xm.txt (~1 min from pip's cache) for tests/test_xm_launch.py's real
+# from launch/requirements-xm.txt (~1 min from pip's cache) for tests/launching/test_xm_launch.py's real
 # local launches. LCM_XM=0 skips it (those tests then skip).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

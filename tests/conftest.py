@@ -5,7 +5,11 @@ import sys
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake devices; a collective waits up to 10 min for a device thread that a busy 2-core machine
+# has not scheduled (XLA's default, 40 s, aborts the process under load).
+XLA_FLAGS = ("--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 # torch on a shared 2-core machine: spinning OpenMP threads slow every other test down.

@@ -117,7 +117,8 @@ def assert_trees_bitwise_equal(ours, theirs):
 def cli_env():
   """The environment of a CLI subprocess: 8 fake CPU devices, no model hub, the repo importable."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   env["JAX_PLATFORMS"] = "cpu"
   env["HF_HUB_OFFLINE"] = "1"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

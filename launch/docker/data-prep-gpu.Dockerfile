@@ -21,6 +21,7 @@ RUN pip install torch==2.9.1 torchaudio==2.9.1
 
 COPY pyproject.toml README.md ./
 COPY lcm_jax ./lcm_jax
+COPY lcm_interop ./lcm_interop
 COPY configs ./configs
 COPY data_prep ./data_prep
 COPY launch ./launch

@@ -15,6 +15,7 @@ RUN pip install "jax[cuda12]==0.10.2"
 
 COPY pyproject.toml README.md ./
 COPY lcm_jax ./lcm_jax
+COPY lcm_interop ./lcm_interop
 COPY configs ./configs
 COPY data_prep ./data_prep
 COPY launch ./launch

@@ -16,6 +16,7 @@ RUN pip install "jax[tpu]==0.10.2" \
 
 COPY pyproject.toml README.md ./
 COPY lcm_jax ./lcm_jax
+COPY lcm_interop ./lcm_interop
 COPY configs ./configs
 COPY data_prep ./data_prep
 COPY launch ./launch

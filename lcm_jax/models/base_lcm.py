@@ -1,4 +1,4 @@
-"""Base-LCM: MSE regression of the next concept in normalized SONAR space (LCM_SPEC section 4).
+"""Base-LCM: MSE regression of the next concept in normalized SONAR space.
 
 ``frontend`` (frozen normalizer + ``pre_linear``) -> ``lcm`` (:class:`TransformerStack`, RoPE, no
 position embedding) -> ``postnet.fc``. Variables::

@@ -9,24 +9,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 
 from lcm_jax.errors import ConfigError
-
-FAMILIES = ("base_lcm", "two_tower_diffusion_lcm")
-BETA_SCHEDULES = ("squaredcos_cap_v2", "sigmoid", "linear", "scaled_linear")
-LOSS_WEIGHTINGS = ("none", "clamped_snr", "fragility")
+from lcm_jax.schedules import BETA_SCHEDULES, LOSS_WEIGHTINGS
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of an LCM (LCM_SPEC sections 3-4). Frozen, so usable as a jit static arg."""
+  """Hyper-parameters of an LCM. Frozen, so usable as a jit static arg."""
 
-  family: str = "base_lcm"
-  """Model family: ``base_lcm`` or ``two_tower_diffusion_lcm``."""
+  family: str = ""
+  """Model family, a name in :data:`lcm_jax.families.REGISTRY` (checked where the family is
+  looked up: :func:`lcm_jax.families.model_config`; the recipes set it)."""
   sonar_embed_dim: int = 1024
   """SONAR space size: input of the pre-net, output of the post-net."""
   model_dim: int = 2048
@@ -56,7 +53,7 @@ class ModelConfig:
   remat_policy: str = "none"
   """Rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable."""
 
-  # --- Two-Tower diffusion LCM (family ``two_tower_diffusion_lcm``, LCM_SPEC section 5). There
+  # --- The diffusion families (Two-Tower, One-Tower). In the Two-Tower
   # ``num_layers`` is the contextualizer depth; the denoiser has ``denoiser_num_layers``.
   denoiser_num_layers: int = 13
   """Denoiser layers (self-attention, cross-attention, FFN, each AdaLN-modulated)."""
@@ -90,8 +87,6 @@ class ModelConfig:
   """Probability that a position's conditioning is dropped in training (classifier-free guidance)."""
 
   def __post_init__(self) -> None:
-    if self.family not in FAMILIES:
-      raise ConfigError(f"ModelConfig.family: {self.family!r} not in {FAMILIES}")
     for name in ("sonar_embed_dim", "model_dim", "num_layers", "num_heads", "ffn_inner_dim",
                  "ffn_multiple_of", "max_seq_len", "denoiser_num_layers", "timestep_embed_dim",
                  "num_diffusion_train_steps"):
@@ -165,14 +160,19 @@ class ModelConfig:
     m = self.ffn_multiple_of
     return m * ((inner + m - 1) // m)
 
-  def compute_dtype(self) -> jnp.dtype:
+  # JAX is imported in the two methods below only: the PyTorch side (lcm_interop) reads
+  # ModelConfig and must run without JAX.
+  def compute_dtype(self) -> np.dtype:
     """The matmul dtype; ``auto`` is bfloat16 on GPU/TPU and float32 on CPU."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     if self.dtype == "auto":
       return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
     return jnp.dtype(self.dtype)
 
-  def parameter_dtype(self) -> jnp.dtype:
+  def parameter_dtype(self) -> np.dtype:
     """The dtype parameters are created in (``param_dtype`` as a NumPy dtype)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp.dtype(self.param_dtype)
 
   def replace(self, **changes: Any) -> "ModelConfig":

@@ -1,4 +1,4 @@
-"""Two-Tower diffusion LCM (LCM_SPEC section 5): a causal contextualizer and an AdaLN denoiser.
+"""Two-Tower diffusion LCM: a causal contextualizer and an AdaLN denoiser.
 
 ``encoder_frontend.pre_linear`` + ``context_encoder`` (the shared causal block of section 3, RoPE)
 turn the normalized concepts into a context; the ``denoiser`` predicts the clean concept x0 of
@@ -21,7 +21,7 @@ cross-attention, FFN), ``x = x + gate_b * drop(b(rms_b(x) * (1 + scale_b) + shif
 Cross-attention keys/values are the contextualizer outputs with a ZERO vector prepended (key 0,
 whose k/v are just the projection biases). :func:`cross_attention_mask` says who sees what.
 
-Two exact shortcuts (shared/PERFORMANCE.md), on unless ``TwoTowerLCM(config, direct=True)``:
+Two exact shortcuts, on unless ``TwoTowerLCM(config, direct=True)``:
   1. self-attention with the identity mask has softmax weights exactly 1, so its output is
      ``output_proj(v_proj(h))``; q/k projections are not computed (their parameters exist, are
      initialised as the reference's, and get zero gradient either way);
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import diffusion
 from lcm_jax import layers
 from lcm_jax.models.base_lcm import SonarNormalizer
 from lcm_jax.models.config import ModelConfig
@@ -69,7 +70,7 @@ def cross_attention_mask(segment_ids: Array, drop_cond: Optional[Array] = None, 
     q_segment_ids: (B, Lq) document id of each query (noisy position); default ``segment_ids``.
     q_index: (B, Lq) or (Lq,) int, the query's index in ITS OWN sequence; default ``arange(Lq)``.
     shift: int, (B,) per-row or (B, Lq) int, added to ``q_index`` (0 in pre-training; the
-      source length when the denoiser runs over the target rows only, LCM_SPEC section 5).
+      source length when the denoiser runs over the target rows only).
 
   Returns:
     (B, 1, Lq, Lc + 1) bool, True = may attend. Key 0 (the zero slot) is visible to every query;
@@ -436,57 +437,6 @@ class TwoTowerLCM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Loss
 
-def diffusion_loss_from_draws(model: TwoTowerLCM, variables: dict[str, Any],
-                              batch: dict[str, Array], timesteps: Array, noise: Array,
-                              drop_cond: Optional[Array], *, dropout_rng: Optional[Array] = None,
-                              deterministic: bool = True
-                              ) -> tuple[Array, Array, dict[str, Array]]:
-  """The diffusion loss given explicit draws of t (B, L) int, eps (B, L, S) and drop_cond.
-
-  ``x0`` = normalized embeddings, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``; per scored
-  position (``batch["target_mask"] > 0``) the loss is ``w(t) * sum_d (x0_hat - x0)^2``.
-  Returns SUMS ``(loss_sum, count, {"unweighted_loss": sum without w(t)})``.
-  """
-  from lcm_jax import diffusion  # pylint: disable=g-import-not-at-top
-  cfg = model.config
-  x0 = model.apply(variables, batch["embeddings"], method=TwoTowerLCM.normalize)
-  alpha_bar = jnp.asarray(diffusion.alpha_bar_from_config(cfg), jnp.float32)
-  weights = jnp.asarray(diffusion.loss_weights_from_config(cfg), jnp.float32)
-  timesteps = jnp.asarray(timesteps, jnp.int32)
-  noisy = diffusion.add_noise(x0, noise, timesteps, alpha_bar)
-  rngs = {} if deterministic or dropout_rng is None else {"dropout": dropout_rng}
-  x0_hat, _ = model.apply(variables, batch["embeddings"], batch["segment_ids"],
-                          batch["positions"], noisy=noisy, timesteps=timesteps,
-                          drop_cond=drop_cond, deterministic=deterministic, rngs=rngs)
-  per_position = jnp.sum(jnp.square(x0_hat - x0), axis=-1)
-  scored = batch["target_mask"] > 0
-  unweighted = jnp.sum(jnp.where(scored, per_position, 0.0))
-  loss_sum = jnp.sum(jnp.where(scored, weights[timesteps] * per_position, 0.0))
-  return loss_sum, jnp.sum(scored.astype(jnp.float32)), {"unweighted_loss": unweighted}
-
-
-def diffusion_loss(model: TwoTowerLCM, variables: dict[str, Any], batch: dict[str, Array], *,
-                   rng: Optional[Array], deterministic: bool
-                   ) -> tuple[Array, Array, dict[str, Array]]:
-  """The training/eval loss (registered in ``lcm_jax.models.LOSSES``).
-
-  ``rng`` is split into dropout / timestep / noise / cfg streams; t ~ U{0..T-1} and eps ~ N(0, I)
-  per position are drawn whatever ``deterministic`` says (it only switches model dropout).
-  Conditioning dropout (prob ``cfg_dropout`` per position) applies in training only; with
-  ``rng=None`` (evaluation) the draws come from the fixed key ``jax.random.key(0)``, so eval is
-  deterministic, and no conditioning is dropped.
-  """
-  from lcm_jax import diffusion  # pylint: disable=g-import-not-at-top
-  cfg = model.config
-  training = rng is not None
-  if rng is None:
-    rng = jax.random.key(0)
-  dropout_rng, t_rng, noise_rng, cfg_rng = jax.random.split(rng, 4)
-  shape = batch["segment_ids"].shape
-  timesteps = diffusion.sample_timesteps(t_rng, shape, cfg.num_diffusion_train_steps)
-  noise = jax.random.normal(noise_rng, shape + (cfg.sonar_embed_dim,), jnp.float32)
-  drop_cond = None
-  if training and cfg.cfg_dropout > 0:
-    drop_cond = jax.random.bernoulli(cfg_rng, cfg.cfg_dropout, shape)
-  return diffusion_loss_from_draws(model, variables, batch, timesteps, noise, drop_cond,
-                                   dropout_rng=dropout_rng, deterministic=deterministic)
+# The diffusion families share one x0-prediction loss (lcm_jax.diffusion).
+diffusion_loss_from_draws = diffusion.x0_loss_from_draws
+diffusion_loss = diffusion.x0_loss
