@@ -1,4 +1,4 @@
-r"""Teacher-forced next-concept evaluation, for both families.
+r"""Teacher-forced next-concept evaluation, for every model family.
 
   python -m lcm_jax.evaluate --workdir=W [--step=S] [--data=DIR[:W],...] --out=FILE.json \
       [--batches=N] [--save_predictions=FILE.npz] [Two-Tower sampler flags] [--seed=0]

@@ -469,8 +469,8 @@ def run_cli(flag_values: Any) -> dict[str, Any]:
   step = ckpt_lib.checkpoint_step(fv.workdir, fv.step)
   config = fv.config if fv.config is not None else ckpt_lib.load_config(fv.workdir, step)
   model_cfg = families.model_config(config.model)
-  sampler = sampler_from_flags(
-      fv, model_cfg.num_diffusion_train_steps if families.of(model_cfg).samples else None)
+  # Bad sampler flags are refused whatever the family (a Base-LCM ignores the sampler).
+  sampler = sampler_from_flags(fv, model_cfg.num_diffusion_train_steps)
   dim = model_cfg.sonar_embed_dim
   ids, prompts = load_prompts(fv.prompts, dim)
   eot = load_eot_vector(fv.eot_vector, dim) if fv.eot_vector else None

@@ -27,8 +27,8 @@ PROMPT_LENGTHS = (3, 1, 5)
 
 
 def _cfg(**kw) -> ModelConfig:
-  base = dict(model_dim=32, num_layers=2, num_heads=4, ffn_inner_dim=96, ffn_multiple_of=16,
-              sonar_embed_dim=DIM, dropout=0.0, dtype="float32")
+  base = dict(family="base_lcm", model_dim=32, num_layers=2, num_heads=4, ffn_inner_dim=96,
+              ffn_multiple_of=16, sonar_embed_dim=DIM, dropout=0.0, dtype="float32")
   base.update(kw)
   return ModelConfig(**base)
 
