@@ -120,7 +120,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 # config.model fields a run may change when it resumes: they change how the model computes, not
 # the shapes of what it saved.
-RESUMABLE_MODEL_FIELDS = frozenset({"dropout", "dtype", "remat_policy"})
+RESUMABLE_MODEL_FIELDS = frozenset({"dropout", "dtype", "remat_policy", "attention_impl"})
 
 
 class Checkpointer:

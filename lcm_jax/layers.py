@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import attention
 from lcm_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -274,20 +275,20 @@ def cache_mask(cache_index: Array, q_len: int, cache_len: int) -> Array:
 # Attention
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array], *,
-                          dtype: Dtype) -> Array:
+                          dtype: Dtype, implementation: str = "xla", is_causal: bool = False,
+                          segment_ids: Optional[Array] = None) -> Array:
   """Softmax attention. q (B, Lq, H, D), k/v (B, Lk, H, D), mask bool broadcastable to
   (B, H, Lq, Lk) or None. Scale 1/sqrt(D); einsums in ``dtype``; logits/softmax in float32.
 
   Fully masked rows get a finite mask value, hence a uniform (not NaN) distribution; their outputs
   are garbage but finite, and never reach unmasked positions.
+
+  :func:`lcm_jax.attention.dot_product_attention`: ``implementation`` (default ``xla``, the
+  numbers above) and the ``is_causal``/``segment_ids`` promises are documented there.
   """
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+  return attention.dot_product_attention(q, k, v, mask, dtype=dtype,
+                                         implementation=implementation, is_causal=is_causal,
+                                         segment_ids=segment_ids)
 
 
 class Attention(nn.Module):
@@ -295,7 +296,9 @@ class Attention(nn.Module):
 
   Self-attention by default; pass ``kv`` for cross-attention. Projections are separate methods
   (callers may cache keys/values between projection and :func:`dot_product_attention`);
-  :meth:`cached` is self-attention over a KV cache.
+  :meth:`cached` is self-attention over a KV cache. ``implementation`` is the attention kernel
+  (``xla`` | ``cudnn`` | ``splash`` | ``auto``, :mod:`lcm_jax.attention`); it changes no
+  parameter.
   """
 
   model_dim: int
@@ -303,6 +306,7 @@ class Attention(nn.Module):
   head_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "xla"
 
   def setup(self) -> None:
     inner = self.num_heads * self.head_dim
@@ -341,9 +345,16 @@ class Attention(nn.Module):
       k = apply_rope(k, rope if kv_rope is None else kv_rope)
     return self._attend(q, k, v, mask)
 
-  def _attend(self, q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
-    """Heads (B, L, H, D) -> attention -> merged heads -> ``output_proj``."""
-    out = dot_product_attention(q, k, v, mask, dtype=self.dtype)
+  def _attend(self, q: Array, k: Array, v: Array, mask: Optional[Array], *,
+              is_causal: bool = False, segment_ids: Optional[Array] = None) -> Array:
+    """Heads (B, L, H, D) -> attention -> merged heads -> ``output_proj``.
+
+    ``is_causal``/``segment_ids``: promises about ``mask`` (see
+    :func:`lcm_jax.attention.dot_product_attention`) that let cuDNN/splash use it.
+    """
+    out = dot_product_attention(q, k, v, mask, dtype=self.dtype,
+                                implementation=self.implementation, is_causal=is_causal,
+                                segment_ids=segment_ids)
     out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
     return self.output_proj(out)
 
@@ -420,6 +431,7 @@ class DecoderLayer(nn.Module):
 
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="self_attn_layer_norm")(x)
     attn = Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
+                     implementation=attention.resolve_implementation(cfg.attention_impl),
                      name="self_attn")
     if cache is None:
       h = attn(h, mask=mask, rope=rope)

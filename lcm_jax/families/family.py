@@ -43,7 +43,7 @@ from lcm_jax.models.config import ModelConfig
 COMMON_FIELDS = frozenset({
     "family", "sonar_embed_dim", "model_dim", "num_layers", "num_heads", "ffn_inner_dim",
     "ffn_multiple_of", "max_seq_len", "dropout", "rope_theta", "norm_eps", "dtype", "param_dtype",
-    "scan_layers", "remat_policy"})
+    "scan_layers", "remat_policy", "attention_impl"})
 # The diffusion settings shared by the diffusion families (configs/base.py's diffusion_config()).
 DIFFUSION_FIELDS = frozenset({
     "timestep_embed_dim", "num_diffusion_train_steps", "beta_schedule", "beta_start", "beta_end",

@@ -15,6 +15,7 @@ from lcm_jax.errors import ConfigError
 from lcm_jax.schedules import BETA_SCHEDULES, LOSS_WEIGHTINGS
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class ModelConfig:
   """``nn.scan`` over layers (params stacked on a leading ``layers`` axis)."""
   remat_policy: str = "none"
   """Rematerialisation: none | full | dots_saveable | dots_with_no_batch_dims_saveable."""
+  attention_impl: str = "auto"
+  """Attention kernel (:mod:`lcm_jax.attention`): auto | xla | cudnn | splash. ``auto`` = xla on
+  CPU and TPU, cudnn on GPU. A kernel named for the wrong platform is an error; a call it cannot
+  run (dtype, head_dim, mask) falls back to xla with a logged reason. No parameter depends on it
+  (a run may resume with another value)."""
 
   # --- The diffusion families (Two-Tower, One-Tower). In the Two-Tower
   # ``num_layers`` is the contextualizer depth; the denoiser has ``denoiser_num_layers``.
@@ -101,6 +107,9 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.param_dtype: {self.param_dtype!r} not in {DTYPES[1:]}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"ModelConfig.remat_policy: {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"ModelConfig.attention_impl: {self.attention_impl!r} not in "
+                        f"{ATTENTION_IMPLS}")
     if self.beta_schedule not in BETA_SCHEDULES:
       raise ConfigError(f"ModelConfig.beta_schedule: {self.beta_schedule!r} not in {BETA_SCHEDULES}")
     if self.loss_weighting not in LOSS_WEIGHTINGS:

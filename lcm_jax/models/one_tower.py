@@ -52,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import attention
 from lcm_jax import diffusion
 from lcm_jax import layers
 from lcm_jax.models.base_lcm import PostNet, SonarNormalizer
@@ -222,8 +223,9 @@ class OneTowerLayer(nn.Module):
     cfg = self.config
     dtype, param_dtype = cfg.compute_dtype(), cfg.parameter_dtype()
     self.self_attn_layer_norm = layers.RMSNorm(cfg.norm_eps, dtype, param_dtype)
-    self.self_attn = layers.Attention(cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype,
-                                      param_dtype)
+    self.self_attn = layers.Attention(
+        cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
+        implementation=attention.resolve_implementation(cfg.attention_impl))
     self.attn_dropout = nn.Dropout(cfg.dropout)
     self.ffn_layer_norm = layers.RMSNorm(cfg.norm_eps, dtype, param_dtype)
     self.ffn = layers.SwiGLUFFN(cfg.model_dim, cfg.swiglu_inner_dim, dtype, param_dtype)
@@ -245,7 +247,8 @@ class OneTowerLayer(nn.Module):
     h = self.self_attn_layer_norm(x)
     q = self.self_attn.project_q(h)
     k, v = self.self_attn.project_kv(h)
-    o = layers.dot_product_attention(q, k, v, mask, dtype=self.config.compute_dtype())
+    o = layers.dot_product_attention(q, k, v, mask, dtype=self.config.compute_dtype(),
+                                     implementation=self.self_attn.implementation)
     return self._finish(x, o), (k, v)
 
   def __call__(self, x: Array, mask: Array) -> tuple[Array, None]:

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import attention
 from lcm_jax import diffusion
 from lcm_jax import layers
 from lcm_jax.models.base_lcm import SonarNormalizer
@@ -188,7 +189,8 @@ class DenoiserLayer(nn.Module):
     cfg = self.config
     dtype, param_dtype = cfg.compute_dtype(), cfg.parameter_dtype()
     attn = dict(model_dim=cfg.model_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                dtype=dtype, param_dtype=param_dtype)
+                dtype=dtype, param_dtype=param_dtype,
+                implementation=attention.resolve_implementation(cfg.attention_impl))
     # The norms' output stays float32: the modulation is applied before the cast.
     norm = dict(eps=cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype)
     self.self_attn_layer_norm = layers.RMSNorm(**norm)
@@ -251,7 +253,8 @@ class DenoiserLayer(nn.Module):
     # Cross-attention to [zero ; context].
     h = self._modulate(self.cross_attention_layer_norm, x, ca_shift, ca_scale)
     q = self.cross_attention.project_q(h)
-    o = layers.dot_product_attention(q, cross_k, cross_v, cross_mask, dtype=cfg.compute_dtype())
+    o = layers.dot_product_attention(q, cross_k, cross_v, cross_mask, dtype=cfg.compute_dtype(),
+                                     implementation=self.cross_attention.implementation)
     h = self.cross_attention.output_proj(o.reshape(*o.shape[:-2], cfg.num_heads * cfg.head_dim))
     x = self._residual(x, ca_gate, h)
 
