@@ -93,6 +93,13 @@ def get_config(family: str = "base_lcm") -> ml_collections.ConfigDict:
   # applies no update when either is NaN/inf. With 0 the run stops at the first such step (exit 3,
   # no checkpoint of it); with N > 0 up to N such batches are skipped before stopping.
   c.train.max_nonfinite_skips = 0
+  # Profiler window: a jax.profiler trace of profile_num_steps steps from the step that starts at
+  # state step profile_start_step (0-based), written to WORKDIR/profile/plugins/profile/
+  # <UTC time>_step<N>/<host>[_process<i>].xplane.pb, one file per process (view with
+  # `tensorboard --logdir WORKDIR/profile` and the profile plugin). -1 = off; a window that
+  # starts before the resume step or at/after num_steps traces nothing (a warning says so).
+  c.train.profile_start_step = -1
+  c.train.profile_num_steps = 5
   return c
 
 

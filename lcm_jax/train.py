@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Iterator
 
@@ -88,6 +90,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for field in ("optimizer.b1", "optimizer.b2"):
     _check_number(config, field, lo=0, hi=1, hi_open=True)
   _check_number(config, "optimizer.eps", lo=0, lo_open=True)
+  if "profile_start_step" in config.train:
+    _check_number(config, "train.profile_start_step", lo=-1, integer=True)  # -1 = off
+    if config.train.profile_start_step >= 0:
+      _check_number(config, "train.profile_num_steps", lo=1, integer=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +358,118 @@ class _NonFiniteGuard:
                            f"{', '.join(bad[:3])}{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}")
 
 
+def _agreed_time() -> int:
+  """Process 0's wall clock in whole seconds, the same on every process (a collective: every
+  process must call it at the same point)."""
+  now = int(time.time())
+  if jax.process_count() == 1:
+    return now
+  # Two int32 halves: without jax_enable_x64 a broadcast int64 would be truncated to int32.
+  hi, lo = multihost_utils.broadcast_one_to_all(np.array(divmod(now, 1 << 16), np.int32))
+  return int(hi) << 16 | int(lo)
+
+
+class _ProfileWindow:
+  """A ``jax.profiler`` trace of the steps ``first .. first + num_steps - 1`` (0-based step
+  indices: step ``i`` starts from ``state["step"] == i``), ``config.train.profile_*``.
+
+  The trace is written in the layout TensorBoard's profile plugin reads, one run directory shared
+  by every process and one file per process::
+
+      DIRECTORY/plugins/profile/<UTC time>_step<first>/<host>.xplane.pb       (one process)
+      DIRECTORY/plugins/profile/<UTC time>_step<first>/<host>_process<i>.xplane.pb  (several)
+
+  ``jax.profiler.stop_trace`` names its run directory after the time of the export and its file
+  after the host, so processes sharing a host (or exporting in different seconds) would
+  overwrite each other or scatter over several runs. Each process therefore traces into its own
+  staging directory under DIRECTORY and then moves its files into the run directory, named with
+  process 0's clock at the window's start (agreed with one collective). Every process calls
+  :meth:`begin` and :meth:`end` at the same steps, as they run the same loop.
+
+  Use as a context manager: a trace still running when the loop leaves (an error, preemption) is
+  stopped on the way out without waiting for the device.
+  """
+
+  def __init__(self, directory: str, first: int, num_steps: int, *, start: int, total: int):
+    self.directory = directory
+    self.first, self.last = first, first + num_steps - 1
+    self.enabled = first >= 0
+    if self.enabled and not start <= first < total:
+      where = (f"before the resume step {start}" if first < start
+               else f"at or after config.train.num_steps={total}")
+      logging.warning("config.train.profile_start_step=%d is %s: nothing is traced", first, where)
+      self.enabled = False
+    self.last = min(self.last, total - 1)  # a window past the end stops with the run
+    self._staging: str | None = None
+    self._run = ""
+
+  def __enter__(self) -> "_ProfileWindow":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._staging is None:
+      return
+    try:
+      self._stop()
+    except Exception:  # pylint: disable=broad-except  (the loop's own exception goes on)
+      logging.exception("Could not stop the profiler trace of steps %d-%d", self.first, self.last)
+
+  def begin(self, step: int) -> None:
+    """Starts the trace if ``step`` (the step about to run) is the window's first."""
+    if not self.enabled or step != self.first:
+      return
+    stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(_agreed_time()))
+    self._run = f"{stamp}_step{self.first}"
+    os.makedirs(self.directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".staging-process{jax.process_index()}-",
+                               dir=self.directory)
+    try:
+      jax.profiler.start_trace(staging)
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
+    self._staging = staging
+    logging.info("Profiling steps %d-%d into %s", self.first, self.last, self.directory)
+
+  def end(self, steps_done: int, outputs: Any) -> None:
+    """Stops the trace once the window's last step (or the run's) has been dispatched, after
+    waiting for ``outputs`` (that step's results) so that the trace holds its device work."""
+    if self._staging is None or steps_done <= self.last:
+      return
+    jax.block_until_ready(outputs)
+    self._stop()
+
+  def _stop(self) -> None:
+    staging, self._staging = self._staging, None
+    try:
+      jax.profiler.stop_trace()
+      run_dir = os.path.join(self.directory, "plugins", "profile", self._run)
+      os.makedirs(run_dir, exist_ok=True)
+      moved = self._move(staging, run_dir)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+    logging.info("Profile of steps %d-%d written to %s (%s)", self.first, self.last, run_dir,
+                 ", ".join(moved) or "no files")
+
+  @staticmethod
+  def _move(staging: str, run_dir: str) -> list[str]:
+    """Moves the exported files (``<host>.xplane.pb``, ``<host>.trace.json.gz``, ...) from
+    ``staging`` into ``run_dir``; with several processes the host becomes ``<host>_process<i>``.
+    Returns the new names."""
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(staging)
+                   for name in names)
+    suffix = ".xplane.pb"
+    hosts = [os.path.basename(p)[:-len(suffix)] for p in paths if p.endswith(suffix)]
+    moved = []
+    for path in paths:
+      name = os.path.basename(path)
+      if jax.process_count() > 1 and hosts and name.startswith(hosts[0] + "."):
+        name = f"{hosts[0]}_process{jax.process_index()}{name[len(hosts[0]):]}"
+      os.replace(path, os.path.join(run_dir, name))
+      moved.append(name)
+    return moved
+
+
 # The periodic evaluation the trainer runs: built once from the Setup, then called as
 # ``evaluate(state, num_batches) -> flat metrics``. lcm_jax.evaluate.periodic is the standard one.
 EvaluatorFactory = Callable[[Setup], Callable[[State, int], dict[str, float]]]
@@ -394,16 +512,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     meta = {"config": config.to_json(), "mesh": dict(s.mesh.shape), "normalizer": normalizer_path}
     guard = _NonFiniteGuard(s, ckpt, writer, skipped)
     evaluate = make_evaluator(s) if make_evaluator is not None and config.train.eval_every else None
-    return _loop(s, state, start, train_iter, ckpt, writer, meta, guard, evaluate)
+    return _loop(s, state, start, train_iter, ckpt, writer, meta, guard, evaluate,
+                 os.path.join(workdir, "profile"))
   finally:
     ckpt.close()
     writer.close()
 
 
 def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer, meta,
-          guard: _NonFiniteGuard, evaluate):
+          guard: _NonFiniteGuard, evaluate, profile_dir: str):
   cfg = s.config
   total = cfg.train.num_steps
+  profile = _ProfileWindow(profile_dir, cfg.train.get("profile_start_step", -1),
+                           cfg.train.get("profile_num_steps", 5), start=start, total=total)
   train_step = make_train_step(s)
   flops_per_concept = s.family.train_flops_per_concept(s.model_cfg, cfg.data.seq_len)
   concepts_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -411,15 +532,19 @@ def _loop(s: Setup, state: State, start: int, train_iter: Iterator, ckpt, writer
   progress = metrics_lib.Progress(total, start)
   eval_metrics: dict[str, float] = {}
   t_last, steps_since, real_concepts = time.time(), 0, 0.0
-  with _Preemption() as preempt:
+  with _Preemption() as preempt, profile:
     step = start
     while step < total:
-      batch = next(train_iter)
-      if cfg.train.log_batch_fingerprints:
-        writer.write_scalars(step, {"batch_fingerprint": int(_fingerprint(batch), 16) % (2**52)})
-      real_concepts += float((batch["segment_ids"] > 0).sum()) * jax.process_count()
-      state, m = train_step(state, sharding.global_batch_from_local(batch, s.mesh))
+      profile.begin(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(train_iter)
+        if cfg.train.log_batch_fingerprints:
+          writer.write_scalars(step,
+                               {"batch_fingerprint": int(_fingerprint(batch), 16) % (2**52)})
+        real_concepts += float((batch["segment_ids"] > 0).sum()) * jax.process_count()
+        state, m = train_step(state, sharding.global_batch_from_local(batch, s.mesh))
       step += 1
+      profile.end(step, (state, m))
       steps_since += 1
       guard.add(step, m)
       if step % cfg.train.log_every == 0 or step == total:

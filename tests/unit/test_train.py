@@ -4,6 +4,9 @@ Tolerances: float32 on CPU. Sharded and single-device steps differ only in the o
 reductions (all-reduces over 8 devices), so params agree to ~1e-6 relative; we assert 2e-5.
 """
 
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from configs import mse_1b6
 from lcm_jax import checkpoint as ckpt_lib
+from lcm_jax import errors
 from lcm_jax import sharding
 from lcm_jax import train
 from tests import helpers
@@ -143,3 +147,115 @@ def test_remat_and_scan_options_do_not_change_the_step(overrides):
   r1 = naming.to_reference(jax.device_get(n1["params"]), jax.device_get(n1["buffers"]), s1.model_cfg)
   for k in r0:
     np.testing.assert_allclose(r0[k], r1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The profiler window (config.train.profile_start_step / profile_num_steps)
+
+_ProfileWindow = train._ProfileWindow  # pylint: disable=protected-access
+
+
+def _trace_events(xplane_path):
+  """(name, {stat: value}) of every event of an exported trace, read back with jax.profiler."""
+  data = jax.profiler.ProfileData.from_file(xplane_path)
+  return [(e.name, dict(e.stats)) for p in data.planes for line in p.lines for e in line.events]
+
+
+def _profile_files(profile_dir):
+  return glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_profile_window_traces_the_train_steps(tmp_path, caplog):
+  """Steps 2-3 of a 5-step run: one xplane.pb in the profile plugin's layout, holding the step
+  annotations 2 and 3 (no other step) and the jitted train step's device work (module jit_step)."""
+  from lcm_jax import synthetic  # pylint: disable=g-import-not-at-top
+  corpus = str(tmp_path / "data")
+  synthetic.ensure_corpus(corpus, dim=16, seed=0, num_docs=100)
+  c = _config(dropout=0.0)
+  c.data.train, c.data.synthetic_corpus, c.data.max_doc_len = corpus, "", 16
+  c.train.num_steps = c.train.log_every = c.train.checkpoint_every = 5
+  c.train.eval_every = 0
+  c.train.async_checkpoint = False
+  c.train.profile_start_step, c.train.profile_num_steps = 2, 2
+  workdir = str(tmp_path / "wd")
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(c, workdir)
+  profile_dir = os.path.join(workdir, "profile")
+  found = _profile_files(profile_dir)
+  assert len(found) == 1 and os.path.getsize(found[0]) > 0, found
+  assert os.path.basename(os.path.dirname(found[0])).endswith("_step2")
+  assert os.listdir(profile_dir) == ["plugins"]  # the staging directory is gone
+  events = _trace_events(found[0])
+  assert sorted(s["step_num"] for n, s in events if n == "train") == [2, 3]
+  assert any(s.get("hlo_module") == "jit_step" for _, s in events)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Profil")]
+  assert len(lines) == 2 and all(profile_dir in m for m in lines), lines
+
+
+def test_profile_window_stops_on_error_and_names_each_process(tmp_path, monkeypatch):
+  """An exception inside the window still stops the trace and exports it; with several processes
+  every process's file carries its index, in the run directory named with process 0's clock."""
+  step = jax.jit(lambda x: jnp.sin(x) @ x)
+  x = jnp.ones((8, 8))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(train.multihost_utils, "broadcast_one_to_all", np.asarray)
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    monkeypatch.setattr(train.time, "time", lambda: 1.7e9 + 0.5)
+    with pytest.raises(RuntimeError, match="boom"):
+      with _ProfileWindow(str(tmp_path), 4, 3, start=0, total=100) as window:
+        window.begin(3)  # not the window's first step: nothing starts
+        window.begin(4)
+        step(x).block_until_ready()
+        raise RuntimeError("boom")
+  found = sorted(_profile_files(str(tmp_path)))
+  assert [os.path.basename(os.path.dirname(f)) for f in found] == ["2023_11_14_22_13_20_step4"] * 2
+  assert [os.path.basename(f).rsplit("_", 1)[1] for f in found] == ["process0.xplane.pb",
+                                                                   "process1.xplane.pb"]
+  assert all("_process" in name for name in os.listdir(os.path.dirname(found[0])))
+  assert os.listdir(tmp_path) == ["plugins"]  # the staging directories are gone
+  jax.profiler.start_trace(str(tmp_path / "again"))  # raises if a trace were still running
+  jax.profiler.stop_trace()
+
+
+def test_profile_window_past_the_end_stops_with_the_run(tmp_path):
+  x = jnp.ones((4, 4))
+  with _ProfileWindow(str(tmp_path), 8, 5, start=0, total=10) as window:
+    assert window.last == 9
+    window.begin(8)
+    window.end(9, x)   # step 8 done: still tracing
+    assert not _profile_files(str(tmp_path))
+    window.end(10, x)  # the run's last step done: stopped and written
+    assert len(_profile_files(str(tmp_path))) == 1
+
+
+@pytest.mark.parametrize("first,start,total,words", [
+    (2, 3, 10, "before the resume step 3"), (10, 0, 10, "at or after config.train.num_steps=10")])
+def test_profile_window_outside_the_run_warns(first, start, total, words, tmp_path, caplog):
+  window = _ProfileWindow(str(tmp_path), first, 2, start=start, total=total)
+  assert not window.enabled
+  assert any(words in r.getMessage() and "nothing is traced" in r.getMessage()
+             for r in caplog.records if r.levelname == "WARNING")
+  window.begin(first)
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_profile_settings_exit_with_a_config_error(tmp_path):
+  """The CLI exits 2 with one error line and creates nothing; check_config names each bad field."""
+  r = helpers.run_cli(helpers.main_cmd(str(tmp_path / "wd"), str(tmp_path / "data"),
+                                       "--config.train.profile_start_step=3",
+                                       "--config.train.profile_num_steps=0"))
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: config.train.profile_num_steps: must be >= 1, got 0")
+  assert not os.path.exists(tmp_path / "wd")
+  for start, num, match in ((-2, 5, "profile_start_step: must be >= -1, got -2"),
+                            (0, -1, "profile_num_steps: must be >= 1, got -1")):
+    c = _config()
+    c.train.profile_start_step, c.train.profile_num_steps = start, num
+    with pytest.raises(errors.ConfigError, match=match):
+      train.check_config(c)
+  c = _config()
+  c.train.profile_num_steps = 0  # checked only when the window is on
+  train.check_config(c)
