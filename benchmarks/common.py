@@ -3,7 +3,10 @@
 * :func:`load_config`: ``FILE[:VARIANT]`` plus ``FIELD=VALUE`` overrides, on a one-device mesh;
 * :func:`time_call` / :func:`interleaved_rounds`: wall-clock timing with ``block_until_ready``,
   the model and the matmul reference alternating round by round so machine noise hits both;
-* :class:`MatmulReference`: the plain matmul whose FLOP/s every benchmark is a ratio to.
+* :class:`MatmulReference`: the plain matmul whose FLOP/s every benchmark is a ratio to;
+* :func:`peak_flops` / :func:`environment` / :func:`write_json`: the chip's dense peak for MFU,
+  the device and versions, and the ``--json`` files the scripts write (benchmarks/device_check.sh
+  reads them).
 
 Imported with the repository root on ``sys.path`` (the scripts put it there), as
 ``from benchmarks import common``. JAX is imported inside the functions so that ``--help`` stays
@@ -13,6 +16,7 @@ fast.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -27,8 +31,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
   """The config of ``FILE[:VARIANT]`` with ``FIELD=VALUE`` overrides, on one device.
 
   An override's value is parsed with ``eval`` and converted to the field's current type (string
-  fields take the text as is); ``FIELD`` is a dotted path (``model.scan_layers``). The mesh is
-  set to 1 x 1 x 1: the benchmarks run on the first device only.
+  fields take the text as is); ``FIELD`` is a dotted path (``model.scan_layers``). A field the
+  config does not have is an error (exit with one line naming it), never silently added. The mesh
+  is set to 1 x 1 x 1: the benchmarks run on the first device only.
   """
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
@@ -42,7 +47,11 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
+      if p not in node:
+        raise SystemExit(f"error: --set {item}: {spec} has no config field {key!r}")
       node = node[p]
+    if leaf not in node:
+      raise SystemExit(f"error: --set {item}: {spec} has no config field {key!r}")
     if isinstance(node[leaf], str):
       node[leaf] = value
     else:
@@ -143,3 +152,44 @@ def ratio_range(model_flops: float, model_times: Sequence[float], matmul_flops: 
   ratios = sorted((model_flops / a) / (matmul_flops / b)
                   for a, b in zip(model_times, matmul_times))
   return ratios[0], ratios[-1]
+
+
+def peak_flops(override_tflops: float = 0.0, config_peak_flops: float = 0.0) -> tuple[float, str]:
+  """``(peak FLOP/s, where it came from)`` of the first device, for MFU; ``(0.0, why)`` if unknown.
+
+  In order: ``override_tflops`` (a ``--peak_tflops`` flag), ``config_peak_flops`` (the config's
+  ``train.peak_flops``), then the dense (bf16 where the chip has it) peak of
+  ``lcm_jax.metrics.PEAK_FLOPS`` whose name the device kind starts with.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from lcm_jax import metrics  # pylint: disable=g-import-not-at-top
+  if override_tflops > 0:
+    return override_tflops * 1e12, "--peak_tflops"
+  if config_peak_flops > 0:
+    return float(config_peak_flops), "config train.peak_flops"
+  kind = jax.devices()[0].device_kind
+  for name, value in metrics.PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return float(value), f"lcm_jax.metrics.PEAK_FLOPS[{name!r}], dense bf16"
+  return 0.0, f"no peak known for device kind {kind!r} (pass --peak_tflops)"
+
+
+def environment() -> dict[str, Any]:
+  """The devices, backend, first device kind and the JAX / jaxlib / Python versions."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {"devices": str(jax.devices()), "device_count": jax.device_count(),
+          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+          "python_version": sys.version.split()[0]}
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` (through a temporary file, then renamed)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)

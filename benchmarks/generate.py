@@ -2,6 +2,8 @@ r"""Generation throughput: generated concepts/s with the KV cache, both families
 
   .venv/bin/python benchmarks/generate.py                 # the 4 configs below, paper sampler
   .venv/bin/python benchmarks/generate.py --configs=configs/two_tower_1b6.py:tiny --rounds=1
+  .venv/bin/python benchmarks/generate.py --configs=configs/mse_1b6.py --batch=56 \
+      --set model.dtype=bfloat16 --json=gen.json       # the 1.6B shape, bf16, figures as JSON
 
 Default configs: configs/mse_1b6.py and configs/two_tower_1b6.py, each ``:tiny`` and ``:bench``.
 For each config: randomly initialised weights (lcm_jax.train.init_state), ``--batch`` random
@@ -30,6 +32,9 @@ Printed per config (one line):
     train-step reference ((R x d) @ (d x d) + (R x d) @ (d x ffn), R = the config's
     batch x seq_len rows, compute dtype) unless ``--matmul_rows`` is given. Decoding runs on a
     few rows at a time, so the ratio is expected to be far below the train step's.
+
+``--json=PATH`` also writes these figures, one entry per config (benchmarks/device_check.sh reads
+them).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,8 +54,8 @@ DEFAULT_CONFIGS = ("configs/mse_1b6.py:tiny", "configs/two_tower_1b6.py:tiny",
                    "configs/mse_1b6.py:bench", "configs/two_tower_1b6.py:bench")
 
 
-def bench_one(spec: str, args: argparse.Namespace) -> str:
-  """Times generation for one config; returns its result line."""
+def bench_one(spec: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+  """Times generation for one config; returns its result line and its figures."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -98,13 +104,31 @@ def bench_one(spec: str, args: argparse.Namespace) -> str:
   rate, mm_rate = flops / gt, matmul.flops / mt
   lo, hi = common.ratio_range(flops, gen_times, matmul.flops, mm_times)
   evals = f"{concepts * visited * halves / gt:>10,.0f}" if family.samples else f"{'-':>10}"
-  return (f"{spec:31} {concepts / gt:>10,.1f} {1e3 * gt / concepts:>9.3f} "
+  line = (f"{spec:31} {concepts / gt:>10,.1f} {1e3 * gt / concepts:>9.3f} "
           f"{1e3 * gt / args.max_len:>9.1f} {evals} {flops / concepts / 1e9:>11.4f} "
           f"{rate / 1e9:>8.2f} {mm_rate / 1e9:>8.1f} {rate / mm_rate:>7.4f} "
           f"({lo:.4f}..{hi:.4f})  {compile_s:.1f} s  [matmul rows {rows}]")
+  figures = {
+      "config": spec, "family": cfg.family, "model": common.describe_model(cfg),
+      "dtype": common.dtype_name(cfg),
+      "attention_impl": (config.model.get("attention_impl")
+                         if "attention_impl" in config.model else None),
+      "batch": args.batch, "prompt_len": args.prompt_len, "max_len": args.max_len,
+      "num_steps": args.num_steps if family.samples else None,
+      "guidance_scale": args.guidance_scale if family.samples else None,
+      "visited_timesteps": visited if family.samples else None, "halves": halves,
+      "rounds": args.rounds, "compile_s": compile_s, "generation_time_s": gt,
+      "generation_times_s": gen_times, "concepts_per_s": concepts / gt,
+      "ms_per_concept": 1e3 * gt / concepts, "ms_per_step": 1e3 * gt / args.max_len,
+      "denoiser_evals_per_s": concepts * visited * halves / gt if family.samples else None,
+      "flops_per_concept": flops / concepts, "model_flops_per_s": rate,
+      "matmul_flops_per_s": mm_rate, "matmul_rows": rows, "ratio": rate / mm_rate,
+      "ratio_min": lo, "ratio_max": hi}
+  return line, figures
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+  """Times every config of ``--configs``; returns (and with ``--json`` writes) the figures."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
@@ -129,8 +153,12 @@ def main() -> None:
                       help="rows R of the matmul reference; 0 = the config's batch x seq_len, as "
                       "in train_step.py (default %(default)s)")
   parser.add_argument("--set", action="append", default=[],
-                      help="config override FIELD=VALUE applied to every config, repeatable")
-  args = parser.parse_args()
+                      help="config override FIELD=VALUE applied to every config, repeatable (e.g. "
+                      "model.dtype=bfloat16)")
+  parser.add_argument("--json", default="",
+                      help="also write the figures to this JSON file: the device, the flags and "
+                      "one entry per config (default: none)")
+  args = parser.parse_args(argv)
   for name in ("batch", "prompt_len", "max_len", "rounds", "matmul_iters"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
@@ -143,8 +171,15 @@ def main() -> None:
         f"DDIM steps, guidance {args.guidance_scale}; medians of {args.rounds} rounds")
   print(f"{'config':31} {'concepts/s':>10} {'ms/concept':>9} {'ms/step':>9} {'den.eval/s':>10} "
         f"{'GFLOP/conc':>11} {'GFLOP/s':>8} {'mm GF/s':>8} {'ratio':>7} (per-round)  compile")
+  results = []
   for spec in args.configs.split(","):
-    print(bench_one(spec.strip(), args), flush=True)
+    line, figures = bench_one(spec.strip(), args)
+    print(line, flush=True)
+    results.append(figures)
+    if args.json:  # rewritten after every config: a run cut short keeps what it measured
+      common.write_json(args.json, {"kind": "generate", "overrides": list(args.set),
+                                    "results": results, **common.environment()})
+  return results
 
 
 if __name__ == "__main__":
