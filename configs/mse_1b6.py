@@ -6,7 +6,8 @@ Run:
   python -m lcm_jax.main --config=configs/mse_1b6.py --mode=describe
 Tiny CPU variant (the README's default job):
   python -m lcm_jax.main --config=configs/mse_1b6.py:tiny --workdir=workdir/tiny
-Bench variant (benchmarks/train_step.py): d 1024, 8 layers, 16 heads, 16 rows x 128 concepts.
+Bench variant (benchmarks/train_step.py): d 1024, 8 layers, 16 heads, dropout 0.1, layers unrolled,
+16 rows x 128 concepts.
 Supervised fine-tuning (source/target shards, see lcm_jax/schema.py ``source_len``) from a
 pre-trained run:
   python -m lcm_jax.main --config=configs/mse_1b6.py:sft --workdir=/path/to/sft \

@@ -6,8 +6,8 @@ Run:
   python -m lcm_jax.main --config=configs/two_tower_1b6.py --mode=describe
 Tiny CPU variant (synthetic corpus, d 64, 2 contextualizer + 2 denoiser layers, 600 steps):
   python -m lcm_jax.main --config=configs/two_tower_1b6.py:tiny --workdir=workdir/two_tower_tiny
-Bench variant (benchmarks/train_step.py): d 1024, 16 heads, 2 contextualizer + 6 denoiser layers,
-16 rows x 128 concepts.
+Bench variant (benchmarks/train_step.py): d 1024, 16 heads, 4 contextualizer + 8 denoiser layers
+(the reference's bench shape), dropout 0.1, 16 rows x 128 concepts.
 Supervised fine-tuning (source/target shards; only target concepts are scored) from a pre-trained
 run, with the reference fine-tuning recipe (configs/mse_1b6.py ``apply_sft_recipe``):
   python -m lcm_jax.main --config=configs/two_tower_1b6.py:sft --workdir=/path/to/sft \
@@ -29,15 +29,15 @@ def apply_variant(c, variant: str, config_file: str):
   """The ``tiny`` / ``bench`` / ``sft`` variants shared by the Two-Tower recipes (modifies c).
 
   ``tiny`` and ``bench`` are configs/base.py's ``apply_tiny`` / ``apply_bench`` with the Two-Tower
-  depths (2 contextualizer + 2 denoiser layers; 2 + 6).
+  depths (2 contextualizer + 2 denoiser layers; 4 + 8).
   """
   if variant == "tiny":
     base.apply_tiny(c)
     c.model.denoiser_num_layers = 2
   elif variant == "bench":
     base.apply_bench(c)
-    c.model.num_layers = 2
-    c.model.denoiser_num_layers = 6
+    c.model.num_layers = 4
+    c.model.denoiser_num_layers = 8
   elif variant == "sft":
     mse_1b6.apply_sft_recipe(c)
   elif variant:

@@ -226,10 +226,10 @@ class OneTowerLayer(nn.Module):
     self.self_attn = layers.Attention(
         cfg.model_dim, cfg.num_heads, cfg.head_dim, dtype, param_dtype,
         implementation=attention.resolve_implementation(cfg.attention_impl))
-    self.attn_dropout = nn.Dropout(cfg.dropout)
+    self.attn_dropout = layers.Dropout(cfg.dropout)
     self.ffn_layer_norm = layers.RMSNorm(cfg.norm_eps, dtype, param_dtype)
     self.ffn = layers.SwiGLUFFN(cfg.model_dim, cfg.swiglu_inner_dim, dtype, param_dtype)
-    self.ffn_dropout = nn.Dropout(cfg.dropout)
+    self.ffn_dropout = layers.Dropout(cfg.dropout)
 
   def _finish(self, x: Array, attn_heads: Array) -> Array:
     """Merge heads, ``output_proj``, residual, then the FFN sub-block."""

@@ -200,7 +200,7 @@ class DenoiserLayer(nn.Module):
     self.ffn_layer_norm = layers.RMSNorm(**norm)
     self.ffn = layers.SwiGLUFFN(cfg.model_dim, cfg.swiglu_inner_dim, dtype, param_dtype)
     self.modulator = Modulator(cfg)
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = layers.Dropout(cfg.dropout)
 
   def kv(self, carry: Any, context: Array) -> tuple[Any, tuple[Array, Array]]:
     """context (B, Lk, d) -> ``(carry, (k, v))``, each (B, Lk, H, D) in the compute dtype."""

@@ -155,3 +155,35 @@ def test_batching_strategies_keep_every_concept():
     plan = train_step.timing_plan(padded, 4, every)
     assert math.isclose(sum(w for _, w in plan), sum(b.rows_used / 4 for b in padded))
     assert len(plan) == (len(padded) if every else len({b.length for b in padded}))
+
+
+def test_profile_reader_finds_and_categorizes_the_ops(tmp_path):
+  """profile_step.py's XSpace reader and categories on a real trace of a small jitted function:
+  the matmul and the softmax's ops are found by their HLO names and land in their categories."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+
+  def f(x, w):
+    with jax.named_scope("dot_product_attention"):
+      return jax.nn.softmax(jnp.tanh(x @ w), axis=-1).sum()
+
+  fn = jax.jit(f)
+  x = jnp.ones((256, 256), jnp.float32)
+  instrs = profile_step.hlo_instructions(fn.lower(x, x).compile().as_text())
+  jax.block_until_ready(fn(x, x))
+  jax.profiler.start_trace(str(tmp_path))
+  for _ in range(3):
+    jax.block_until_ready(fn(x, x))
+  jax.profiler.stop_trace()
+  [path] = [os.path.join(d, n) for d, _, files in os.walk(tmp_path) for n in files
+            if n.endswith(".xplane.pb")]
+  seen = {}
+  for plane in profile_step.read_xspace(path):
+    for name, _, duration in plane["events"]:
+      if name in instrs:
+        seen[name] = seen.get(name, 0) + duration
+  categories = {profile_step.categorize(instrs[n], n) for n in seen}
+  assert seen and all(d > 0 for d in seen.values())
+  assert "matmul" in categories, (seen, categories)
+  assert "attention softmax/mask" in categories, (seen, categories)
