@@ -258,8 +258,11 @@ def apply_rope(x: Array, rope: RopeTables) -> Array:
   dtype = x.dtype
   with jax.named_scope("rope"):  # names the ops in profiles (benchmarks/profile_step.py)
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the same products and sums as the textbook
+    # form, written with the pair swapped (a reverse, whose gradient is a reverse) instead of
+    # slicing and stacking (whose gradient is pads and adds: ~3% of a CPU train step).
+    sign = jnp.asarray([-1.0, 1.0], jnp.float32)
+    out = pairs * cos[..., None] + pairs[..., ::-1] * (sin[..., None] * sign)
     return out.reshape(x.shape).astype(dtype)
 
 
