@@ -2,6 +2,8 @@ r"""Where a train step's time goes on this machine: a jax.profiler trace, groupe
 
   .venv/bin/python benchmarks/profile_step.py                          # Base-LCM bench
   .venv/bin/python benchmarks/profile_step.py --config=configs/two_tower_1b6.py:bench
+  .venv/bin/python benchmarks/profile_step.py --config=configs/mse_1b6.py:bench \
+      --config=configs/two_tower_1b6.py:bench --plot=docs/train_step_profile.png
 
 Traces ``--steps`` train steps of the config (after a warm-up step), reads the XSpace file the
 profiler wrote (a minimal protobuf reader below, no TensorFlow needed) and sums the duration of
@@ -179,24 +181,15 @@ def categorize(info: dict | None, event: str) -> str:
   return "other elementwise"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/mse_1b6.py:bench",
-                      help="config file[:variant] (default %(default)s)")
-  parser.add_argument("--steps", type=int, default=2, help="traced steps (default %(default)s)")
-  parser.add_argument("--top", type=int, default=25, help="ops listed (default %(default)s)")
-  parser.add_argument("--set", action="append", default=[],
-                      help="config override FIELD=VALUE, repeatable (e.g. model.scan_layers=True)")
-  parser.add_argument("--trace_dir", default="", help="where the trace goes (default: a temp dir)")
-  args = parser.parse_args()
-  overrides = args.set
-
+def profile_config(spec: str, overrides: list[str], steps: int, top: int,
+                   trace_dir: str) -> dict[str, float]:
+  """Traces ``steps`` train steps of ``spec``, prints the breakdown; returns seconds per category
+  (op time per step, summed over threads) plus ``"wall"`` (the traced steps' wall time)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lcm_jax import sharding, train  # pylint: disable=g-import-not-at-top
 
-  config = common.load_config(args.config, overrides)
+  config = common.load_config(spec, overrides)
   s = train.setup(config, devices=jax.devices()[:1])
   state = train.init_state(s)
   step = train.make_train_step(s)
@@ -213,15 +206,16 @@ def main() -> None:
   state, m = step(state, batch)
   jax.block_until_ready(m)
 
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="lcm_profile_")
+  trace_dir = trace_dir or tempfile.mkdtemp(prefix="lcm_profile_")
   jax.profiler.start_trace(trace_dir)
   t0 = time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(steps):
     state, m = step(state, batch)
   jax.block_until_ready(m)
-  wall = (time.perf_counter() - t0) / args.steps
+  wall = (time.perf_counter() - t0) / steps
   jax.profiler.stop_trace()
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
   if not paths:
     raise SystemExit(f"error: no .xplane.pb under {trace_dir}")
 
@@ -229,27 +223,81 @@ def main() -> None:
   for plane in read_xspace(paths[-1]):
     for name, line, dur in plane["events"]:
       if name in instrs and not line.startswith("python"):
-        per_op[name] += dur * 1e-12 / args.steps
+        per_op[name] += dur * 1e-12 / steps
   per_cat: dict[str, float] = collections.Counter()
   for name, sec in per_op.items():
     per_cat[categorize(instrs.get(name), name)] += sec
   total = sum(per_cat.values())
-  print(f"config          {args.config} {common.describe_model(s.model_cfg)} batch={b}x{l} "
+  print(f"config          {spec} {common.describe_model(s.model_cfg)} batch={b}x{l} "
         f"overrides={overrides}")
-  print(f"step wall time  {wall:.2f} s (traced, {args.steps} steps); op time summed over threads "
+  print(f"step wall time  {wall:.2f} s (traced, {steps} steps); op time summed over threads "
         f"{total:.2f} s/step; trace in {trace_dir}")
   print(f"{'category':28s} {'s/step':>8s} {'share':>7s}")
   for cat in sorted(per_cat, key=per_cat.get, reverse=True):
     print(f"{cat:28s} {per_cat[cat]:8.3f} {per_cat[cat] / total:7.1%}")
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
   others = [kv for kv in ranked if "matmul" not in categorize(instrs.get(kv[0]), kv[0])]
-  for title, rows in ((f"top {args.top} ops", ranked), (f"top {args.top} ops that are not matmuls",
-                                                        others)):
+  for title, rows in ((f"top {top} ops", ranked), (f"top {top} ops that are not matmuls", others)):
     print(f"\n{title}")
-    for name, sec in rows[:args.top]:
+    for name, sec in rows[:top]:
       info = instrs.get(name, {})
       print(f"{sec:8.3f} s {sec / total:6.1%} {categorize(info, name):26s} {name:28s} "
             f"{info.get('opcode', '?'):10s} {(info.get('op_name') or '')[-90:]}")
+  print(flush=True)
+  return dict(per_cat, wall=wall)
+
+
+def plot(results: dict[str, dict[str, float]], path: str) -> None:
+  """One horizontal bar per config: its op time split into the categories, as shares."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(11, 2.6 + 0.5 * len(results)))
+  colors = plt.get_cmap("tab20").colors
+  labels, labelled = list(results), set()
+  for row, label in enumerate(labels):
+    cats = {k: v for k, v in results[label].items() if k != "wall"}
+    total, left = sum(cats.values()), 0.0
+    for i, cat in enumerate(CATEGORIES):
+      share = cats.get(cat, 0.0) / total
+      if share <= 0:
+        continue
+      ax.barh(row, share, left=left, color=colors[i % len(colors)],
+              label=None if cat in labelled else cat)
+      labelled.add(cat)
+      if share >= 0.03:
+        ax.text(left + share / 2, row, f"{share:.0%}", ha="center", va="center", fontsize=8)
+      left += share
+  ax.set_yticks(range(len(labels)), labels)
+  ax.set_xlim(0, 1)
+  ax.set_xlabel("share of the train step's op time (jax.profiler trace, CPU)")
+  ax.invert_yaxis()
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  print(f"wrote {path}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", action="append", default=[],
+                      help="config file[:variant], repeatable (default configs/mse_1b6.py:bench)")
+  parser.add_argument("--steps", type=int, default=2, help="traced steps (default %(default)s)")
+  parser.add_argument("--top", type=int, default=25, help="ops listed (default %(default)s)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override FIELD=VALUE for every config, repeatable (e.g. "
+                      "model.scan_layers=True)")
+  parser.add_argument("--trace_dir", default="", help="where the traces go (default: temp dirs)")
+  parser.add_argument("--plot", default="",
+                      help="also draw the category shares of every config into this PNG")
+  args = parser.parse_args()
+  results = {}
+  for spec in args.config or ["configs/mse_1b6.py:bench"]:
+    results[spec] = profile_config(spec, args.set, args.steps, args.top, args.trace_dir)
+  if args.plot:
+    plot(results, args.plot)
 
 
 if __name__ == "__main__":
