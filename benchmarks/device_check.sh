@@ -35,12 +35,14 @@
 #   DEVICE_CHECK_BUDGET_S=N     the whole script's time budget in seconds (default 440; tiny 110)
 #   DEVICE_CHECK_PEAK_TFLOPS=X  the chip's dense peak for MFU, if lcm_jax.metrics lacks it
 #   PYTHON=...                  the interpreter (default .venv/bin/python if present, else python3)
+#   DEVICE_CHECK_WHEELS=DIR     wheels to install first (an offline host; benchmarks/device_wheels.sh)
 #
 # The attention implementation is set with --set model.attention_impl=NAME unless the device step
 # found that the configs lack that field; then the xla run uses the config's default attention
 # (labelled so) and the cudnn run is skipped with that reason.
 #
-# Exit status: 0 when the report was written, whatever the sub-runs did; non-zero otherwise.
+# Exit status: 0 when the report was written, whatever the sub-runs did; 2 when the interpreter
+# lacks a package the benchmarks import (named; nothing is run); non-zero otherwise.
 
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -63,9 +65,44 @@ case "$REPORT" in
 esac
 REPORT_JSON=$BASE.json
 REPORT_LOG=$BASE.log
-mkdir -p "$(dirname "$REPORT")" || exit 1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX") || exit 1
 trap 'rm -rf "$WORK"' EXIT
+
+# Preflight: the Python packages the benchmarks import. An offline GPU host whose image lacks
+# some (typically grain, array-record, ml-collections) takes them as wheels: DEVICE_CHECK_WHEELS=
+# DIR (made with benchmarks/device_wheels.sh) is installed into a private folder on PYTHONPATH.
+if [[ -n "${DEVICE_CHECK_WHEELS:-}" ]]; then
+  shopt -s nullglob
+  wheels=("$DEVICE_CHECK_WHEELS"/*.whl)
+  shopt -u nullglob
+  if ((${#wheels[@]} == 0)); then
+    echo "error: DEVICE_CHECK_WHEELS=$DEVICE_CHECK_WHEELS holds no .whl files" >&2
+    exit 2
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+    "${wheels[@]}" || { echo "error: installing the wheels of $DEVICE_CHECK_WHEELS failed" >&2; exit 2; }
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+missing=$("$PY" - <<'PYEOF'
+import importlib
+names = ("jax", "flax", "optax", "orbax.checkpoint", "grain", "array_record", "ml_collections",
+         "etils", "absl", "numpy")
+missing = []
+for name in names:
+  try:
+    importlib.import_module(name)
+  except Exception:  # pylint: disable=broad-except  (any failure means the run cannot start)
+    missing.append(name)
+print(" ".join(missing))
+PYEOF
+) || missing="(the interpreter $PY does not run)"
+if [[ -n $missing ]]; then
+  echo "error: $PY cannot import: $missing. Install them, or on a machine with a package index run" \
+    "'bash benchmarks/device_wheels.sh DIR' and pass DEVICE_CHECK_WHEELS=DIR here." >&2
+  exit 2
+fi
+
+mkdir -p "$(dirname "$REPORT")" || exit 1
 
 if [[ $TINY == 1 ]]; then
   BUDGET=${DEVICE_CHECK_BUDGET_S:-110}

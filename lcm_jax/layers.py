@@ -60,9 +60,6 @@ BLE = ("activation_batch", "activation_length", "activation_embed")
 BLM = ("activation_batch", "activation_length", "activation_mlp")
 BLHD = ("activation_batch", "activation_length", "activation_heads", None)
 
-# Finite "minus infinity" for masked logits: fully masked rows (padding) give a uniform softmax
-# instead of NaN, and ``x - max`` cannot produce ``inf - inf``.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,7 +64,6 @@ KV = tuple[Array, Array]
 """Per-layer keys and values, each (num_layers, B, L, H, D) in the compute dtype."""
 
 MASK_AXES = ("activation_batch", None, None, None)
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # as lcm_jax.layers: finite "minus infinity"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +145,7 @@ def attend_cache_and_self(q: Array, k_self: Array, v_self: Array, cache_k: Array
   q = q.astype(dtype)
   logits_c = jnp.einsum("bqhd,bkhd->bhqk", q, cache_k.astype(dtype),
                         preferred_element_type=jnp.float32)
-  logits_c = jnp.where(mask, logits_c, _MASK_VALUE)
+  logits_c = jnp.where(mask, logits_c, attention.MASK_VALUE)
   logit_s = jnp.einsum("bqhd,bqhd->bhq", q, k_self.astype(dtype),
                        preferred_element_type=jnp.float32)[..., None]
   probs = jax.nn.softmax(jnp.concatenate([logits_c, logit_s], axis=-1), axis=-1).astype(dtype)

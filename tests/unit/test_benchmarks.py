@@ -187,3 +187,18 @@ def test_profile_reader_finds_and_categorizes_the_ops(tmp_path):
   assert seen and all(d > 0 for d in seen.values())
   assert "matmul" in categories, (seen, categories)
   assert "attention softmax/mask" in categories, (seen, categories)
+
+
+def test_device_check_refuses_a_python_without_the_data_stack(tmp_path):
+  """The preflight names a package the interpreter cannot import, exits 2 and runs nothing."""
+  blocker = tmp_path / "block"
+  blocker.mkdir()
+  (blocker / "grain.py").write_text("raise ImportError('grain is not installed here')\n")
+  report = tmp_path / "out" / "device_check.txt"
+  r = subprocess.run(["bash", "benchmarks/device_check.sh"], capture_output=True, text=True,
+                     timeout=120, cwd=ROOT,
+                     env=_env(PYTHON=sys.executable, PYTHONPATH=str(blocker),
+                              DEVICE_CHECK_TINY="1", DEVICE_CHECK_REPORT=str(report)))
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "cannot import: grain" in r.stderr and "device_wheels.sh" in r.stderr
+  assert not report.parent.exists()
