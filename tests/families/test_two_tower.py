@@ -601,7 +601,7 @@ def test_param_counts_equal_spec_sum(module, expected):
 
 def test_train_flops_per_concept_two_tower():
   cfg = ModelConfig.from_config(two_tower_1b6.get_config("bench").model)
-  d, s, f, nc, nd, length = 1024, 1024, 2816, 2, 6, 128
+  d, s, f, nc, nd, length = 1024, 1024, 2816, 4, 8, 128
   assert (cfg.num_layers, cfg.denoiser_num_layers, cfg.swiglu_inner_dim) == (nc, nd, f)
   ctx_matmul = s * d + nc * (4 * d * d + 3 * d * f)
   den_matmul = 2 * s * d + nd * (2 * d * d + 4 * d * d + 3 * d * f)

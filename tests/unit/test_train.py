@@ -179,7 +179,8 @@ def test_profile_window_traces_the_train_steps(tmp_path, caplog):
   c.train.async_checkpoint = False
   c.train.profile_start_step, c.train.profile_num_steps = 2, 2
   workdir = str(tmp_path / "wd")
-  with caplog.at_level("INFO"):
+  # absl's logger may have been set above INFO by an earlier test's flag parsing: set it here too.
+  with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
     train.train_and_evaluate(c, workdir)
   profile_dir = os.path.join(workdir, "profile")
   found = _profile_files(profile_dir)
