@@ -187,31 +187,25 @@ def profile_config(spec: str, overrides: list[str], steps: int, top: int,
   (op time per step, summed over threads) plus ``"wall"`` (the traced steps' wall time)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from lcm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
 
   config = common.load_config(spec, overrides)
-  s = train.setup(config, devices=jax.devices()[:1])
-  state = train.init_state(s)
-  step = train.make_train_step(s)
-  b, l, d = config.data.global_batch_size, config.data.seq_len, s.model_cfg.sonar_embed_dim
-  rng = np.random.default_rng(0)
+  stepper = train_step.Stepper(config)
+  s = stepper.setup
+  b, l = config.data.global_batch_size, config.data.seq_len
   seg = np.ones((b, l), np.int32)
   pos = np.tile(np.arange(l, dtype=np.int32), (b, 1))
-  batch = sharding.global_batch_from_local(
-      {"embeddings": rng.standard_normal((b, l, d), dtype=np.float32), "segment_ids": seg,
-       "positions": pos, "target_mask": ((seg > 0) & (pos > 0)).astype(np.float32)}, s.mesh)
-  with sharding.activate(s.mesh):
-    hlo = step.jitted.lower(state, batch).compile().as_text()
-  instrs = hlo_instructions(hlo)
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
+  batch = stepper.device_batch(seg, pos, ((seg > 0) & (pos > 0)).astype(np.float32),
+                               np.random.default_rng(0))
+  instrs = hlo_instructions(stepper.hlo_text(batch))
+  jax.block_until_ready(stepper(batch))
 
   trace_dir = trace_dir or tempfile.mkdtemp(prefix="lcm_profile_")
   jax.profiler.start_trace(trace_dir)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
+    loss = stepper(batch)
+  jax.block_until_ready(loss)
   wall = (time.perf_counter() - t0) / steps
   jax.profiler.stop_trace()
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),

@@ -240,6 +240,12 @@ class Stepper:
          "positions": np.asarray(pos, np.int32), "target_mask": np.asarray(target, np.float32)},
         self.setup.mesh)
 
+  def hlo_text(self, batch: dict[str, Any]) -> str:
+    """The compiled step's optimized HLO for ``batch``'s shapes (benchmarks/profile_step.py)."""
+    from lcm_jax import sharding  # pylint: disable=g-import-not-at-top
+    with sharding.activate(self.setup.mesh):
+      return self._step.jitted.lower(self._state, batch).compile().as_text()
+
   def __call__(self, batch: dict[str, Any]) -> Any:
     """One step on ``batch``; returns its loss (a device scalar, not waited for)."""
     self._state, metrics = self._step(self._state, batch)

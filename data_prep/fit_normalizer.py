@@ -122,8 +122,11 @@ def planned_counts(manifests: Sequence[dict[str, Any]], weights: Sequence[float]
   return np.minimum(counts, sizes), sizes
 
 
-def _check_datasets(data: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
-  """Reads every manifest; raises UsageError naming the directory on any problem."""
+def check_datasets(data: Sequence[tuple[str, float]],
+                   what: str = "normalizer") -> list[dict[str, Any]]:
+  """Reads every manifest; raises UsageError naming the directory on any problem (a dataset
+  given twice, a malformed manifest, datasets of different dims, which cannot share one
+  ``what``). Shared with data_prep.fit_quantizer."""
   seen: dict[str, str] = {}
   manifests = []
   for path, _ in data:
@@ -136,7 +139,7 @@ def _check_datasets(data: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
   dims = {int(m["dim"]) for m in manifests}
   if len(dims) > 1:
     detail = ", ".join(f"{p} has dim {m['dim']}" for (p, _), m in zip(data, manifests))
-    raise UsageError(f"--data: datasets of different dims cannot share a normalizer ({detail})")
+    raise UsageError(f"--data: datasets of different dims cannot share a {what} ({detail})")
   return manifests
 
 
@@ -183,7 +186,7 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
     raise UsageError(f"--out {out}: is a directory; give a file name such as "
                      f"{os.path.join(out, normalizer_lib.NORMALIZER_NAME)}")
   fileio.check_output_path(out, "--out")
-  manifests = _check_datasets(data)
+  manifests = check_datasets(data)
   holders = _manifest_dirs_holding(out, data)
   if set_manifest and not holders:
     raise UsageError(f"--set_manifest: --out {out} is not inside any --data directory; a "
@@ -202,7 +205,7 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
   zero_msg = None
   if zero_spread:
     shown = ", ".join(str(d) for d in zero_spread[:8]) + (", ..." if len(zero_spread) > 8 else "")
-    zero_msg = (f"{_describe(data, sizes, exclude_last)}: {len(zero_spread)} of {x.shape[1]} "
+    zero_msg = (f"{describe_data(data, sizes, exclude_last)}: {len(zero_spread)} of {x.shape[1]} "
                 f"dims have zero spread between the {norm.quantile_range[0]:g}th and "
                 f"{norm.quantile_range[1]:g}th percentiles of the {len(x)} sampled vectors (dims "
                 f"{shown}); such a dim gets sklearn's fallback scale "
@@ -251,7 +254,8 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, max_samples: int = DEFAU
   return norm
 
 
-def _describe(data: Sequence[tuple[str, float]], sizes: np.ndarray, exclude_last: bool) -> str:
+def describe_data(data: Sequence[tuple[str, float]], sizes: np.ndarray, exclude_last: bool) -> str:
+  """``--data D1 (N1 concepts), D2 (N2 concepts)``: the datasets and their sampleable sizes."""
   what = "concepts without end of text" if exclude_last else "concepts"
   return "--data " + ", ".join(f"{d} ({int(n)} {what})" for (d, _), n in zip(data, sizes))
 
@@ -262,13 +266,13 @@ def _check_sample_size(data: Sequence[tuple[str, float]], sizes: np.ndarray, n: 
   if n >= min_samples:
     return
   if n == 0:
-    raise UsageError(f"{_describe(data, sizes, exclude_last)}: no concepts to sample")
+    raise UsageError(f"{describe_data(data, sizes, exclude_last)}: no concepts to sample")
   if max_samples < min_samples:
     cause = f"--max_samples {max_samples} is below --min_samples {min_samples}"
   else:
     cause = "the datasets hold too few concepts for the weighted shares"
   raise UsageError(
-      f"{_describe(data, sizes, exclude_last)}: {n} vectors to fit on, fewer than --min_samples "
+      f"{describe_data(data, sizes, exclude_last)}: {n} vectors to fit on, fewer than --min_samples "
       f"{min_samples} ({cause}). The scale is the spread between the 0.25th and 0.75th "
       "percentiles; with fewer samples it measures only the most extreme values of each dim. "
       "Give more data, or a smaller --min_samples (>= 2) for a demo corpus")

@@ -45,7 +45,6 @@ from data_prep import fit_normalizer
 from lcm_jax import errors
 from lcm_jax import fileio
 from lcm_jax import normalizer as normalizer_lib
-from lcm_jax import schema
 from lcm_jax.errors import UserError
 
 TOOL = "data_prep.fit_quantizer"
@@ -64,20 +63,7 @@ def parse_data(spec: str) -> list[tuple[str, float]]:
   items = [s.strip() for s in (spec or "").split(",") if s.strip()]
   if not items:
     raise UsageError("--data: give at least one dataset directory (DIR[:WEIGHT],...)")
-  data = [fit_normalizer.parse_data_arg(s) for s in items]
-  seen: dict[str, str] = {}
-  for path, _ in data:
-    key = os.path.realpath(path)
-    if key in seen:
-      raise UsageError(f"--data {path}: the same dataset as {seen[key]} (give it once, with the "
-                       "sum of the weights)")
-    seen[key] = path
-  return data
-
-
-def _describe(data: Sequence[tuple[str, float]], sizes: np.ndarray, exclude_last: bool) -> str:
-  what = "concepts without end of text" if exclude_last else "concepts"
-  return "--data " + ", ".join(f"{d} ({int(n)} {what})" for (d, _), n in zip(data, sizes))
+  return [fit_normalizer.parse_data_arg(s) for s in items]
 
 
 def fit(data: Sequence[tuple[str, float]], out: str, *, num_codebooks: int = DEFAULT_NUM_CODEBOOKS,
@@ -128,12 +114,8 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, num_codebooks: int = DEF
     raise UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
   fileio.check_output_path(out, "--out")
 
-  manifests = [schema.read_manifest(p) for p, _ in data]  # ShardFormatError names the file
-  dims = {int(m["dim"]) for m in manifests}
-  if len(dims) > 1:
-    detail = ", ".join(f"{p} has dim {m['dim']}" for (p, _), m in zip(data, manifests))
-    raise UsageError(f"--data: datasets of different dims cannot share a quantizer ({detail})")
-  dim = dims.pop()
+  manifests = fit_normalizer.check_datasets(data, "quantizer")  # twice given, malformed, dims
+  dim = int(manifests[0]["dim"])
   norm = None
   if normalizer:
     norm = normalizer_lib.Normalizer.load(normalizer)  # NormalizerError names the file
@@ -144,18 +126,18 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, num_codebooks: int = DEF
   if int(counts.sum()) < codebook_size:
     raise UsageError(
         f"--codebook_size {codebook_size} > the {int(counts.sum())} vectors to fit on "
-        f"({_describe(data, sizes, exclude_last)}, --max_samples {max_samples}): k-means needs at "
+        f"({fit_normalizer.describe_data(data, sizes, exclude_last)}, --max_samples {max_samples}): k-means needs at "
         "least one sample per centroid (and many more to fit well)")
 
   x = normalizer_lib.sample_embeddings(list(data), max_samples, seed, exclude_last=exclude_last)
   t_sample = time.time() - t0
   if len(x) < codebook_size:  # planned_counts mirrors the sampler; this is a safety net
     raise UsageError(f"--codebook_size {codebook_size} > the {len(x)} sampled vectors "
-                     f"({_describe(data, sizes, exclude_last)})")
+                     f"({fit_normalizer.describe_data(data, sizes, exclude_last)})")
   bad = ~np.isfinite(x)
   if bad.any():  # the shard reader refuses these first; a sampler change must not let one through
     r, c = np.argwhere(bad)[0]
-    raise UsageError(f"{_describe(data, sizes, exclude_last)}: non-finite value in sampled vector "
+    raise UsageError(f"{fit_normalizer.describe_data(data, sizes, exclude_last)}: non-finite value in sampled vector "
                      f"{int(r)}, dim {int(c)}")
   space = "raw"
   if norm is not None:
@@ -163,7 +145,7 @@ def fit(data: Sequence[tuple[str, float]], out: str, *, num_codebooks: int = DEF
     space = "normalized"
   n = len(x)
   energy = float(np.einsum("ij,ij->i", x, x).sum(dtype=np.float64))  # no (N, D) float64 copy
-  log(f"sampled {n} x {dim} ({space} space) from {_describe(data, sizes, exclude_last)} in "
+  log(f"sampled {n} x {dim} ({space} space) from {fit_normalizer.describe_data(data, sizes, exclude_last)} in "
       f"{t_sample:.1f} s; fitting {num_codebooks} codebooks x {codebook_size} centroids, {iters} "
       "iterations each")
 
